@@ -1,0 +1,5 @@
+import sys
+
+from conceptctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""What a backbone is before it is loaded: a name, where its weights live, its known properties.
+
+Specs are cheap (no torch import), so ``conceptctl backbones`` and ``conceptctl plugins`` can list
+them instantly. Loading is :func:`conceptctl.backbones.loading.load_backbone`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from conceptctl.backbones.backbone import Backbone
+    from conceptctl.backbones.loading import LoadOptions
+
+# How the weights are stored: a diffusers folder or hub repo, or one original-layout file.
+SourceFormat = Literal["diffusers", "single-file"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A text-to-image backbone that can be loaded by name.
+
+    ``source`` is a hub id (``org/name``) or a local path. Known properties are informative until
+    loading, when the loaded model's own configuration is authoritative. A plugin whose backbone
+    is not a plain diffusers folder gives a ``loader(spec, options) -> Backbone``.
+    """
+
+    name: str
+    source: str | None = None
+    format: SourceFormat = "diffusers"
+    description: str = ""
+    family: str = ""
+    resolution: int | None = None
+    prediction_type: str | None = None
+    text_width: int | None = None
+    loader: Callable[[BackboneSpec, LoadOptions], Backbone] | None = None
+
+    def properties(self) -> dict[str, Any]:
+        """The spec as plain data (what ``conceptctl backbones --json`` prints)."""
+        data = asdict(self)
+        data["loader"] = None if self.loader is None else _qualname(self.loader)
+        return data
+
+
+def _qualname(fn: Callable) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    return f"{module}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -1,0 +1,50 @@
+"""The Stable Diffusion backbones conceptctl knows by name."""
+
+from conceptctl.backbones.spec import BackboneSpec
+from conceptctl.hookspecs import hookimpl
+
+# Hub ids as published; properties from each model's own configuration files.
+STABLE_DIFFUSION = (
+    BackboneSpec(
+        name="sd-1.4",
+        source="CompVis/stable-diffusion-v1-4",
+        description="Stable Diffusion 1.4 (the DoCo paper's model)",
+        family="sd1",
+        resolution=512,
+        prediction_type="epsilon",
+        text_width=768,
+    ),
+    BackboneSpec(
+        name="sd-1.5",
+        source="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="Stable Diffusion 1.5",
+        family="sd1",
+        resolution=512,
+        prediction_type="epsilon",
+        text_width=768,
+    ),
+    BackboneSpec(
+        name="sd-2.1",
+        source="stabilityai/stable-diffusion-2-1",
+        description="Stable Diffusion 2.1, 768 px, v-prediction",
+        family="sd2",
+        resolution=768,
+        prediction_type="v_prediction",
+        text_width=1024,
+    ),
+    BackboneSpec(
+        name="sd-2.1-base",
+        source="stabilityai/stable-diffusion-2-1-base",
+        description="Stable Diffusion 2.1 base, 512 px, epsilon prediction",
+        family="sd2",
+        resolution=512,
+        prediction_type="epsilon",
+        text_width=1024,
+    ),
+)
+
+
+@hookimpl
+def register_backbones(register):
+    for spec in STABLE_DIFFUSION:
+        register(spec)

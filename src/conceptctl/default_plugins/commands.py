@@ -1,0 +1,13 @@
+"""The built-in commands, added through the same hook third-party plugins use."""
+
+from conceptctl.hookspecs import hookimpl
+
+
+@hookimpl
+def register_commands(app):
+    from conceptctl.cli import inventory, sample, settings
+
+    app.command("sample")(sample.sample)
+    app.command("plugins")(inventory.plugins)
+    app.command("backbones")(inventory.backbones)
+    app.add_typer(settings.app, name="config")

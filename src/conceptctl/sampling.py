@@ -1,0 +1,173 @@
+"""Generate images from a backbone with fixed seeds, and write them with a sidecar of settings.
+
+Each image's starting noise is drawn from its own CPU generator seeded with ``seed + k`` (k = the
+image's index within its prompt), so image k of a prompt is the same whatever the batch size or
+device, and image k of two different prompts starts from the same noise, which is what a
+side-by-side comparison of prompts or models wants.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from conceptctl.errors import UsageError
+from conceptctl.fileio import atomic_directory, write_json
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from conceptctl.backbones.backbone import Backbone
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    prompts: tuple[str, ...]
+    images_per_prompt: int = 4
+    seed: int = 0
+    steps: int = 30
+    guidance: float = 7.5
+    negative_prompt: str | None = None
+    resolution: int | None = None  # None: the backbone's native resolution
+    batch_size: int = 8
+
+    def check(self) -> None:
+        """Reject values the pipeline would fail on, or silently misuse, with one clear line."""
+        if not self.prompts or any(not p.strip() for p in self.prompts):
+            raise UsageError("every prompt must be non-empty text")
+        for name, minimum in (("images_per_prompt", 1), ("steps", 1), ("batch_size", 1)):
+            if getattr(self, name) < minimum:
+                raise UsageError(f"{name.replace('_', ' ')} must be at least {minimum}")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError("seed must be between 0 and 2**63 - 1")
+        if self.guidance < 0:
+            raise UsageError("guidance must be 0 or more (1 or less disables guidance)")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise UsageError("resolution must be a positive multiple of 8")
+
+
+@dataclass(frozen=True)
+class SampledImage:
+    prompt_index: int
+    prompt: str
+    index: int
+    seed: int
+    image: Image.Image
+
+
+def _initial_noise(backbone: Backbone, seeds: list[int], size: int):
+    import torch
+
+    side = size // backbone.vae_scale_factor
+    shape = (backbone.latent_channels, side, side)
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    return torch.stack(noise).to(device=backbone.device, dtype=backbone.dtype)
+
+
+def sample_images(
+    backbone: Backbone,
+    settings: SampleSettings,
+    on_step: Callable[[int], None] | None = None,
+) -> Iterator[SampledImage]:
+    """Yield every image, prompt by prompt. ``on_step(n)`` reports n more image-steps done."""
+    settings.check()
+    size = settings.resolution or backbone.resolution
+    jobs = [
+        (p, prompt, k, settings.seed + k)
+        for p, prompt in enumerate(settings.prompts)
+        for k in range(settings.images_per_prompt)
+    ]
+
+    def step_done(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
+        if on_step is not None:
+            on_step(len(batch))
+        return kwargs
+
+    for start in range(0, len(jobs), settings.batch_size):
+        batch = jobs[start : start + settings.batch_size]
+        negative = settings.negative_prompt
+        result = backbone.pipeline(
+            prompt=[job[1] for job in batch],
+            negative_prompt=[negative] * len(batch) if negative else None,
+            latents=_initial_noise(backbone, [job[3] for job in batch], size),
+            height=size,
+            width=size,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            output_type="pil",
+            callback_on_step_end=step_done,
+        )
+        for (p, prompt, k, seed), image in zip(batch, result.images, strict=True):
+            yield SampledImage(p, prompt, k, seed, image)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of a prompt."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].rstrip("-") or "prompt"
+
+
+def make_grid(images: list[list[Image.Image]]) -> Image.Image:
+    """Rows of images (one row per prompt) pasted into one picture."""
+    from PIL import Image
+
+    w, h = images[0][0].size
+    cols = max(len(row) for row in images)
+    grid = Image.new("RGB", (cols * w, len(images) * h), "white")
+    for r, row in enumerate(images):
+        for c, img in enumerate(row):
+            grid.paste(img, (c * w, r * h))
+    return grid
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    from conceptctl import __version__
+
+    return {
+        "conceptctl": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def write_samples(
+    out_dir: Path,
+    images: list[SampledImage],
+    settings: SampleSettings,
+    backbone: Backbone,
+    overwrite: bool = False,
+) -> Path:
+    """Write PNGs, ``grid.png`` and ``samples.json`` into ``out_dir`` atomically."""
+    rows: dict[int, list[Image.Image]] = {}
+    records = []
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+        for item in images:
+            name = f"{item.prompt_index:03d}-{slug(item.prompt)}-{item.index:02d}.png"
+            item.image.save(staging / name)
+            rows.setdefault(item.prompt_index, []).append(item.image)
+            records.append({"file": name, "prompt": item.prompt, "prompt_index": item.prompt_index,
+                            "index": item.index, "seed": item.seed})
+        make_grid([rows[p] for p in sorted(rows)]).save(staging / "grid.png")
+        scheduler = backbone.scheduler
+        write_json(staging / "samples.json", {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "backbone": backbone.describe(),
+            "device": str(backbone.device),
+            "scheduler": {"class": type(scheduler).__name__, **dict(scheduler.config)},
+            "settings": asdict(settings) | {
+                "resolution": settings.resolution or backbone.resolution,
+            },
+            "seeding": "image k of every prompt starts from CPU noise seeded with seed + k",
+            "versions": library_versions(),
+            "grid": "grid.png",
+            "images": records,
+        })
+    return out_dir

@@ -1,0 +1,149 @@
+"""Tiny Stable-Diffusion-shaped pipelines built from configs, for tests and plugin authors.
+
+No SD weights can be downloaded in every environment conceptctl must support, so the real SD
+loading, sampling and training code is exercised on pipelines with the same architecture and
+file layout but a few hundred thousand random parameters:
+
+* ``sd1``: epsilon prediction, conv projections in the transformer blocks, a CLIP text encoder
+  with quick-GELU (the SD 1.4 / 1.5 layout);
+* ``sd2``: v-prediction, linear projections, per-block head dims and a wider GELU text encoder
+  (the SD 2.1 layout).
+
+The tokenizer is a genuine :class:`transformers.CLIPTokenizer` over a byte-level vocabulary with a
+handful of merges, so prompts tokenise the way SD's tokenizer would, only into more pieces.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+Flavor = Literal["sd1", "sd2"]
+
+# A few merges so that common words are not tokenised byte by byte; any text still encodes.
+_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("o", "f</w>")]
+
+
+def _byte_unicode_chars() -> list[str]:
+    """GPT-2/CLIP byte-to-unicode table: printable stand-ins for the 256 byte values."""
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
+
+
+def build_tiny_tokenizer(model_max_length: int = 77):
+    """A CLIPTokenizer with a byte-level vocabulary (520 tokens) built offline."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_unicode_chars()
+    vocab = chars + [c + "</w>" for c in chars] + [a + b for a, b in _MERGES]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        merges = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in _MERGES) + "\n"
+        (Path(tmp) / "merges.txt").write_text(merges)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length)
+
+
+def build_tiny_pipeline(flavor: Flavor = "sd1", seed: int = 0):
+    """Build a random-weight StableDiffusionPipeline of the given flavour (same seed, same one)."""
+    from conceptctl.runtime import quiet_libraries
+
+    quiet_libraries()
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if flavor not in ("sd1", "sd2"):
+        raise ValueError(f"flavor must be 'sd1' or 'sd2', not {flavor!r}")
+    sd2 = flavor == "sd2"
+    tokenizer = build_tiny_tokenizer()
+    text_width = 64 if sd2 else 32
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_width,
+        # SD1 gives one head count for every block; SD2 gives a head dim per block and projects
+        # with linear layers instead of 1x1 convs.
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            projection_dim=text_width,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    schedule = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+    )
+    if sd2:
+        scheduler = DDIMScheduler(
+            **schedule, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False
+        )
+    else:
+        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True, set_alpha_to_one=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(path: str | Path, flavor: Flavor = "sd1", seed: int = 0) -> Path:
+    """Build a tiny pipeline and save it as a diffusers folder (safetensors) at ``path``."""
+    path = Path(path)
+    build_tiny_pipeline(flavor, seed).save_pretrained(path, safe_serialization=True)
+    return path

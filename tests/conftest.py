@@ -1,0 +1,62 @@
+"""Shared fixtures: an isolated settings home, fresh plugins per test, tiny SD-shaped pipelines."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from conceptctl.cli import main
+from conceptctl.plugins import reset_plugins
+
+# Libraries must never reach for the network in tests; an offline failure is then immediate.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch):
+    """Every test gets its own settings/cache folder and a plugin manager built afresh."""
+    home = tmp_path / "conceptctl-home"
+    monkeypatch.setenv("CONCEPTCTL_HOME", str(home))
+    monkeypatch.delenv("CONCEPTCTL_PLUGINS", raising=False)
+    monkeypatch.delenv("CONCEPTCTL_DEBUG", raising=False)
+    reset_plugins()
+    yield home
+    reset_plugins()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    """A saved SD1-like (epsilon, CLIP quick-GELU) diffusers folder."""
+    from conceptctl.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd1", "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory):
+    """A saved SD2-like (v-prediction, linear projections, wider text encoder) folder."""
+    from conceptctl.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd2", "sd2")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``conceptctl ARGS…`` in process through the real error boundary."""
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run

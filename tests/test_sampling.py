@@ -1,0 +1,135 @@
+"""``conceptctl sample`` end to end on both tiny pipelines: files, sidecar, determinism, errors."""
+
+import json
+
+import pytest
+from PIL import Image
+
+
+def _sample(cli, backbone, out, *extra):
+    return cli("sample", "a red church", "a boat", "-b", backbone, "-n", "2", "--steps", "3",
+               "-o", out, *extra)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sd2"])
+def test_sample_writes_images_grid_and_sidecar(request, cli, tmp_path, fixture):
+    result = _sample(cli, request.getfixturevalue(fixture), tmp_path / "out", "--seed", "7")
+    assert result.code == 0, result.err
+    out = tmp_path / "out"
+    sidecar = json.loads((out / "samples.json").read_text())
+    files = [record["file"] for record in sidecar["images"]]
+    assert files == ["000-a-red-church-00.png", "000-a-red-church-01.png",
+                     "001-a-boat-00.png", "001-a-boat-01.png"]
+    assert [record["seed"] for record in sidecar["images"]] == [7, 8, 7, 8]
+    assert all(Image.open(out / f).size == (16, 16) for f in files)
+    assert Image.open(out / "grid.png").size == (2 * 16, 2 * 16)
+    assert sidecar["settings"]["steps"] == 3 and sidecar["settings"]["guidance"] == 7.5
+    expected = "v_prediction" if fixture == "tiny_sd2" else "epsilon"
+    assert sidecar["backbone"]["prediction_type"] == expected
+    assert {"torch", "diffusers", "conceptctl"} <= set(sidecar["versions"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no staging left
+
+
+def test_same_seed_gives_identical_images_whatever_the_batch(cli, tiny_sd2, tmp_path):
+    assert _sample(cli, tiny_sd2, tmp_path / "a").code == 0
+    assert _sample(cli, tiny_sd2, tmp_path / "b", "--batch-size", "1").code == 0
+    assert _sample(cli, tiny_sd2, tmp_path / "c", "--seed", "1").code == 0
+    for name in ("000-a-red-church-00.png", "001-a-boat-01.png", "grid.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "grid.png").read_bytes() != (tmp_path / "c" / "grid.png").read_bytes()
+
+
+def test_prompt_file_and_negative_prompt(cli, tiny_sd1, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na house\n\nan airplane\n")
+    result = cli("sample", "--prompts", prompts, "-b", tiny_sd1, "-n", "1", "--steps", "2",
+                 "--negative-prompt", "blurry", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["images"] == 2
+    sidecar = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert [r["prompt"] for r in sidecar["images"]] == ["a house", "an airplane"]
+    assert sidecar["settings"]["negative_prompt"] == "blurry"
+
+
+def test_default_output_folder_never_clobbers(cli, tiny_sd1, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert cli("sample", "a tree", "-b", tiny_sd1, "-n", "1", "--steps", "1").code == 0
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["a-tree", "a-tree-2"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-n", "0"], "--num-images"),
+        (["--steps", "0"], "--steps"),
+        (["--guidance", "-1"], "--guidance"),
+        (["--resolution", "20"], "multiple of 8"),
+        (["--seed", "-3"], "--seed"),
+        (["--prompts", "missing.txt"], "prompt file not found"),
+        (["--device", "gpu"], "unknown device"),
+        (["--dtype", "float8"], "unknown dtype"),
+        (["--backbone", "sd-9"], "unknown backbone 'sd-9'"),
+        (["--backbone", "./nowhere"], "no such file or folder"),
+    ],
+)
+def test_bad_input_is_one_clear_line(cli, tiny_sd1, tmp_path, args, message):
+    argv = ["sample", "x", "-o", tmp_path / "out"]
+    if "--backbone" not in args:
+        argv += ["-b", tiny_sd1]
+    result = cli(*argv, *args)
+    assert result.code != 0
+    first = result.err.strip().splitlines()[0]
+    assert first.startswith("error:") and message in first
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_prompt_and_empty_prompt_file(cli, tiny_sd1, tmp_path):
+    assert "no prompt given" in cli("sample", "-b", tiny_sd1).err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    assert "holds no prompts" in cli("sample", "--prompts", empty, "-b", tiny_sd1).err
+
+
+def test_existing_output_is_refused_before_sampling(cli, tiny_sd1, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = cli("sample", "x", "-b", tiny_sd1, "-o", out)
+    assert result.code == 1 and "already exists" in result.err and "--overwrite" in result.err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert cli("sample", "x", "-b", tiny_sd1, "-n", "1", "--steps", "1", "-o", out,
+               "--overwrite").code == 0
+    assert not (out / "keep.txt").exists() and (out / "samples.json").exists()
+
+
+def test_output_folder_gets_ordinary_permissions(cli, tiny_sd1, tmp_path):
+    import os
+
+    assert cli("sample", "x", "-b", tiny_sd1, "-n", "1", "--steps", "1", "-o",
+               tmp_path / "out").code == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_single_file_checkpoint_samples_like_its_folder(cli, tiny_sd2, tmp_path):
+    from conceptctl.backbones.loading import load_backbone
+    from conceptctl.backbones.resolve import resolve_backbone
+    from conceptctl.interop.original_layout import save_single_file
+
+    checkpoint = tmp_path / "model.safetensors"
+    save_single_file(load_backbone(resolve_backbone(str(tiny_sd2))).pipeline, checkpoint)
+    assert _sample(cli, tiny_sd2, tmp_path / "folder").code == 0
+    result = _sample(cli, checkpoint, tmp_path / "file", "--backbone-config", tiny_sd2)
+    assert result.code == 0, result.err
+    sidecar = json.loads((tmp_path / "file" / "samples.json").read_text())
+    assert sidecar["backbone"]["format"] == "single-file"
+    assert sidecar["backbone"]["prediction_type"] == "v_prediction"
+    for name in ("000-a-red-church-00.png", "001-a-boat-01.png"):
+        assert (tmp_path / "file" / name).read_bytes() == (tmp_path / "folder" / name).read_bytes()
+
+    without_config = _sample(cli, checkpoint, tmp_path / "none")
+    assert without_config.code == 1
+    assert "cannot load single-file checkpoint" in without_config.err
+    assert "--backbone-config" in without_config.err
