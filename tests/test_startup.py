@@ -40,7 +40,7 @@ def test_python_dash_m_and_version():
 def test_no_arguments_shows_help(cli):
     result = cli()
     assert result.code == 0
-    for command in ("sample", "plugins", "backbones", "config"):
+    for command in ("sample", "plugins", "backbones", "config", "toy"):
         assert command in result.out
 
 
@@ -52,4 +52,5 @@ def test_backbones_json_lists_known_names(cli):
     assert rows["sd-2.1"]["prediction_type"] == "v_prediction"
     assert rows["sd-2.1"]["resolution"] == 768
     assert rows["sd-2.1-base"]["text_width"] == 1024
-    assert rows["sd-1.5"]["default"] is True
+    assert rows["toy"]["default"] is True and rows["sd-1.5"]["default"] is False
+    assert rows["toy"]["plugin"] == "builtin-toy"

@@ -19,7 +19,7 @@ def check_output_free(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
         raise OutputExistsError(
             f"{target} already exists",
-            hint="choose another --out, or pass --overwrite to replace it",
+            hint="choose another output folder, or pass --overwrite to replace it",
         )
 
 

@@ -32,3 +32,43 @@ def register_commands(app):
     Import heavy libraries (torch, diffusers) inside the command function, not at module level:
     ``conceptctl --help`` assembles every plugin's commands.
     """
+
+
+@hookspec
+def register_methods(register):
+    """Register erasure methods (``doco``, ``ca``, ``esd-x`` are built in).
+
+    Call ``register(Component(name, factory, description))``. ``factory(context, config)``
+    receives a :class:`conceptctl.erasure.methods.Context` (backbone, frozen UNet, trainable
+    parameters, random generator) and the run's :class:`conceptctl.erasure.config.EraseConfig`,
+    and returns an object whose ``training_step(batch, step)`` leaves gradients in the trainable
+    parameters and returns a :class:`conceptctl.erasure.methods.StepStats`.
+    """
+
+
+@hookspec
+def register_discriminators(register):
+    """Register discriminators on predicted clean latents (``patchgan``, ``hinge-sn`` built in).
+
+    ``factory(latent_channels, latent_size)`` returns a ``torch.nn.Module`` with
+    ``d_loss(anchor, target)``, ``g_loss(target)`` and ``accuracy(anchor, target)``.
+    """
+
+
+@hookspec
+def register_gradient_surgeries(register):
+    """Register ways to combine the unlearning and preserving gradients (``doco``,
+    ``doco-reference``, ``pcgrad``, ``none`` built in).
+
+    ``factory(strength, prior_weight)`` returns a callable ``(g_unlearn, g_preserve) ->
+    (gradient_to_apply, fired)`` applied to each trainable tensor.
+    """
+
+
+@hookspec
+def register_anchor_selectors(register):
+    """Register anchor-prompt selectors (``templates``, ``prompt-file``, ``toy`` built in).
+
+    ``factory(config, backbone)`` receives the run's ``EraseConfig`` and the ``BackboneSpec`` and
+    returns a :class:`conceptctl.erasure.anchors.AnchorSet` of paired anchor/target prompts.
+    """

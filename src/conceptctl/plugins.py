@@ -27,6 +27,8 @@ ENV_PLUGINS = "CONCEPTCTL_PLUGINS"
 DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("builtin-backbones", "conceptctl.default_plugins.backbones"),
     ("builtin-commands", "conceptctl.default_plugins.commands"),
+    ("builtin-toy", "conceptctl.default_plugins.toy"),
+    ("builtin-erasure", "conceptctl.default_plugins.erasure"),
 )
 
 

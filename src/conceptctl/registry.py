@@ -21,6 +21,10 @@ T = TypeVar("T")
 # kind -> the hook that registers it. Adding a kind is adding a hookspec and a line here.
 KINDS: dict[str, str] = {
     "backbone": "register_backbones",
+    "method": "register_methods",
+    "discriminator": "register_discriminators",
+    "gradient-surgery": "register_gradient_surgeries",
+    "anchor-selector": "register_anchor_selectors",
 }
 
 NAME_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*$")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,8 +29,8 @@ class SampleSettings:
     prompts: tuple[str, ...]
     images_per_prompt: int = 4
     seed: int = 0
-    steps: int = 30
-    guidance: float = 7.5
+    steps: int | None = None  # None: the backbone's default (SD: 30)
+    guidance: float | None = None  # None: the backbone's default (SD: 7.5)
     negative_prompt: str | None = None
     resolution: int | None = None  # None: the backbone's native resolution
     batch_size: int = 8
@@ -40,14 +40,31 @@ class SampleSettings:
         if not self.prompts or any(not p.strip() for p in self.prompts):
             raise UsageError("every prompt must be non-empty text")
         for name, minimum in (("images_per_prompt", 1), ("steps", 1), ("batch_size", 1)):
-            if getattr(self, name) < minimum:
+            value = getattr(self, name)
+            if value is not None and value < minimum:
                 raise UsageError(f"{name.replace('_', ' ')} must be at least {minimum}")
         if not 0 <= self.seed < 2**63:
             raise UsageError("seed must be between 0 and 2**63 - 1")
-        if self.guidance < 0:
+        if self.guidance is not None and self.guidance < 0:
             raise UsageError("guidance must be 0 or more (1 or less disables guidance)")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise UsageError("resolution must be a positive multiple of 8")
+
+
+    def for_backbone(self, backbone: Backbone) -> SampleSettings:
+        """These settings with every unset value filled from the backbone's defaults."""
+        spec = backbone.spec
+        return replace(
+            self,
+            steps=self.steps or spec.sample_steps or DEFAULT_STEPS,
+            guidance=self.guidance if self.guidance is not None else (
+                spec.sample_guidance if spec.sample_guidance is not None else DEFAULT_GUIDANCE),
+            resolution=self.resolution or backbone.resolution,
+        )
+
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
 
 
 @dataclass(frozen=True)
@@ -68,27 +85,30 @@ def _initial_noise(backbone: Backbone, seeds: list[int], size: int):
     return torch.stack(noise).to(device=backbone.device, dtype=backbone.dtype)
 
 
-def sample_images(
+def _denoise_batches(
     backbone: Backbone,
     settings: SampleSettings,
-    on_step: Callable[[int], None] | None = None,
-) -> Iterator[SampledImage]:
-    """Yield every image, prompt by prompt. ``on_step(n)`` reports n more image-steps done."""
+    output_type: str,
+    on_step: Callable[[int], None] | None,
+) -> Iterator[tuple[list[tuple[int, str, int, int]], Any]]:
+    """Run the pipeline batch by batch; yield (jobs, outputs) with jobs = (prompt index, prompt,
+    image index, seed)."""
     settings.check()
-    size = settings.resolution or backbone.resolution
+    settings = settings.for_backbone(backbone)
+    size = settings.resolution
     jobs = [
         (p, prompt, k, settings.seed + k)
         for p, prompt in enumerate(settings.prompts)
         for k in range(settings.images_per_prompt)
     ]
-
-    def step_done(pipe: Any, step: int, timestep: Any, kwargs: dict) -> dict:
-        if on_step is not None:
-            on_step(len(batch))
-        return kwargs
-
     for start in range(0, len(jobs), settings.batch_size):
         batch = jobs[start : start + settings.batch_size]
+
+        def step_done(pipe: Any, step: int, timestep: Any, kwargs: dict, n=len(batch)) -> dict:
+            if on_step is not None:
+                on_step(n)
+            return kwargs
+
         negative = settings.negative_prompt
         result = backbone.pipeline(
             prompt=[job[1] for job in batch],
@@ -98,11 +118,34 @@ def sample_images(
             width=size,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
-            output_type="pil",
+            output_type=output_type,
             callback_on_step_end=step_done,
         )
-        for (p, prompt, k, seed), image in zip(batch, result.images, strict=True):
+        yield batch, result.images
+
+
+def sample_images(
+    backbone: Backbone,
+    settings: SampleSettings,
+    on_step: Callable[[int], None] | None = None,
+) -> Iterator[SampledImage]:
+    """Yield every image, prompt by prompt. ``on_step(n)`` reports n more image-steps done."""
+    for batch, images in _denoise_batches(backbone, settings, "pil", on_step):
+        for (p, prompt, k, seed), image in zip(batch, images, strict=True):
             yield SampledImage(p, prompt, k, seed, image)
+
+
+def sample_latents(
+    backbone: Backbone,
+    settings: SampleSettings,
+    on_step: Callable[[int], None] | None = None,
+):
+    """The final (scaled) latents instead of pictures, shape (prompts x images, C, h, w), in the
+    same order and with the same seeds as :func:`sample_images` — the VAE is never run."""
+    import torch
+
+    return torch.cat([latents for _, latents in
+                      _denoise_batches(backbone, settings, "latent", on_step)])
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -144,30 +187,45 @@ def write_samples(
     settings: SampleSettings,
     backbone: Backbone,
     overwrite: bool = False,
+    originals: list[SampledImage] | None = None,
+    model: dict | None = None,
 ) -> Path:
-    """Write PNGs, ``grid.png`` and ``samples.json`` into ``out_dir`` atomically."""
+    """Write PNGs, ``grid.png`` and ``samples.json`` into ``out_dir`` atomically.
+
+    With ``originals`` (the same prompts and seeds from the unmodified backbone) those go to
+    ``original/`` and each grid row shows the original images, then the modified ones.
+    """
     rows: dict[int, list[Image.Image]] = {}
     records = []
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
+        if originals is not None:
+            (staging / "original").mkdir()
+            for item in originals:
+                item.image.save(staging / "original" / _file_name(item))
+                rows.setdefault(item.prompt_index, []).append(item.image)
         for item in images:
-            name = f"{item.prompt_index:03d}-{slug(item.prompt)}-{item.index:02d}.png"
-            item.image.save(staging / name)
+            item.image.save(staging / _file_name(item))
             rows.setdefault(item.prompt_index, []).append(item.image)
-            records.append({"file": name, "prompt": item.prompt, "prompt_index": item.prompt_index,
-                            "index": item.index, "seed": item.seed})
+            records.append({"file": _file_name(item), "prompt": item.prompt,
+                            "prompt_index": item.prompt_index, "index": item.index,
+                            "seed": item.seed})
         make_grid([rows[p] for p in sorted(rows)]).save(staging / "grid.png")
         scheduler = backbone.scheduler
         write_json(staging / "samples.json", {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "backbone": backbone.describe(),
+            "model": model,
+            "compare": originals is not None,
             "device": str(backbone.device),
             "scheduler": {"class": type(scheduler).__name__, **dict(scheduler.config)},
-            "settings": asdict(settings) | {
-                "resolution": settings.resolution or backbone.resolution,
-            },
+            "settings": asdict(settings.for_backbone(backbone)),
             "seeding": "image k of every prompt starts from CPU noise seeded with seed + k",
             "versions": library_versions(),
-            "grid": "grid.png",
+            "grid": "grid.png" + (" (rows: original images, then erased)" if originals else ""),
             "images": records,
         })
     return out_dir
+
+
+def _file_name(item: SampledImage) -> str:
+    return f"{item.prompt_index:03d}-{slug(item.prompt)}-{item.index:02d}.png"

@@ -35,7 +35,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 # key -> (default, allowed values or None for free text)
 SCALAR_KEYS: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "default-backbone": ("sd-1.5", None),
+    "default-backbone": ("toy", None),
     "device": ("auto", None),  # checked by resolve_device: auto, cpu, cuda, cuda:N, mps
     "dtype": ("auto", DTYPES),
     "cache-dir": ("", None),

@@ -62,6 +62,8 @@ def _with_local_copy(spec: BackboneSpec, settings: Settings) -> BackboneSpec:
             hint=f"fix it with 'conceptctl config set backbone-path.{spec.name} FOLDER', "
             f"or remove it with 'conceptctl config unset backbone-path.{spec.name}'",
         )
+    if spec.loader is not None:  # the plugin's loader knows its own folder layout
+        return dataclasses.replace(spec, source=str(path))
     return dataclasses.replace(spec, source=str(path), format=_from_path(path, False).format)
 
 

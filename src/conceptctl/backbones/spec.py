@@ -24,7 +24,8 @@ class BackboneSpec:
 
     ``source`` is a hub id (``org/name``) or a local path. Known properties are informative until
     loading, when the loaded model's own configuration is authoritative. A plugin whose backbone
-    is not a plain diffusers folder gives a ``loader(spec, options) -> Backbone``.
+    is not a plain diffusers folder gives a ``loader(spec, options) -> Backbone``; it should load
+    from ``spec.source`` when that is set, so that ``backbone-path.NAME`` can point it elsewhere.
     """
 
     name: str
@@ -36,6 +37,11 @@ class BackboneSpec:
     prediction_type: str | None = None
     text_width: int | None = None
     loader: Callable[[BackboneSpec, LoadOptions], Backbone] | None = None
+    # Sampling defaults that suit this model (None: conceptctl's SD defaults, 30 steps, 7.5).
+    sample_steps: int | None = None
+    sample_guidance: float | None = None
+    # The anchor-prompt selector that knows this model's vocabulary (None: "templates").
+    anchor_selector: str | None = None
 
     def properties(self) -> dict[str, Any]:
         """The spec as plain data (what ``conceptctl backbones --json`` prints)."""

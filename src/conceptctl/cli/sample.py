@@ -36,10 +36,16 @@ def sample(
                      dir_okay=False),
     ] = None,
     n: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.", min=1)] = 4,
-    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.", min=1)] = 30,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="Denoising steps (default: the backbone's; SD: 30).", min=1,
+                     show_default=False),
+    ] = None,
     guidance: Annotated[
-        float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.", min=0.0)
-    ] = 7.5,
+        float | None,
+        typer.Option("--guidance", "-g", help="Classifier-free guidance scale (default: the "
+                     "backbone's; SD: 7.5).", min=0.0, show_default=False),
+    ] = None,
     negative_prompt: Annotated[
         str | None, typer.Option("--negative-prompt", help="What to steer away from.")
     ] = None,
@@ -52,6 +58,16 @@ def sample(
         int, typer.Option("--batch-size", help="Images per denoising batch.", min=1)
     ] = 8,
     seed: options.Seed = 0,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="An erasure artifact folder: sample the erased model "
+                     "(its base is the default --backbone).", file_okay=False,
+                     show_default=False),
+    ] = None,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="With --model: also draw the original; the grid shows both.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --model: apply it even if the base weights differ.")] = False,
     backbone: options.Backbone = None,
     backbone_config: options.BackboneConfig = None,
     allow_pickle: options.AllowPickle = False,
@@ -78,8 +94,10 @@ def sample(
     target = out if out is not None else next_free_dir(Path("samples") / slug(prompts[0]))
     check_output_free(target, overwrite)  # fail before minutes of sampling, not after
 
+    if compare and model is None:
+        raise UsageError("--compare needs --model ARTIFACT (the erased model to compare)")
     written = _run(settings, target, overwrite, backbone, backbone_config, allow_pickle, device,
-                   dtype)
+                   dtype, model, compare, force)
     count = len(prompts) * n
     if json_output:
         console.out.print_json(data={"out": str(written), "images": count,
@@ -88,20 +106,45 @@ def sample(
         console.out.print(f"{count} image(s) in {written}  (grid: {written / 'grid.png'})")
 
 
-def _run(settings, target, overwrite, backbone, backbone_config, allow_pickle, device, dtype):
+def _run(settings, target, overwrite, backbone, backbone_config, allow_pickle, device, dtype,
+         model_dir, compare, force):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from conceptctl.backbones.loading import open_backbone
     from conceptctl.sampling import sample_images, write_samples
 
+    artifact = None
+    if model_dir is not None:
+        from conceptctl.erasure.artifact import read_artifact
+
+        artifact = read_artifact(model_dir)
+        backbone = backbone or artifact.base["name"]
     with console.err.status("loading backbone…"):
         model = open_backbone(backbone, device=device, dtype=dtype, config=backbone_config,
                               allow_pickle=allow_pickle)
-    total = len(settings.prompts) * settings.images_per_prompt * settings.steps
+    runs = 1 + (compare and artifact is not None)
+    total = len(settings.prompts) * settings.images_per_prompt * settings.for_backbone(
+        model).steps * runs
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
+    originals, about = None, None
     with Progress(*columns, console=console.err, transient=True) as progress:
         task = progress.add_task("sampling (image-steps)", total=total)
-        images = list(sample_images(model, settings,
-                                    on_step=lambda k: progress.advance(task, k)))
-    return write_samples(target, images, settings, model, overwrite=overwrite)
+
+        def draw():
+            return list(sample_images(model, settings,
+                                      on_step=lambda k: progress.advance(task, k)))
+
+        if artifact is not None:
+            from conceptctl.erasure.artifact import apply_artifact
+
+            if compare:
+                originals = draw()
+            for note in apply_artifact(model, artifact, force=force):
+                console.err.print(f"[yellow]warning:[/] {note}", markup=True)
+            about = {"artifact": str(model_dir), "concept": artifact.manifest["concept"],
+                     "anchor": artifact.manifest["anchor"],
+                     "method": artifact.manifest["method"], "forced": force}
+        images = draw()
+    return write_samples(target, images, settings, model, overwrite=overwrite,
+                         originals=originals, model=about)

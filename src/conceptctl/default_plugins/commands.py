@@ -5,8 +5,9 @@ from conceptctl.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(app):
-    from conceptctl.cli import inventory, sample, settings
+    from conceptctl.cli import erase, inventory, sample, settings
 
+    app.command("erase")(erase.erase)
     app.command("sample")(sample.sample)
     app.command("plugins")(inventory.plugins)
     app.command("backbones")(inventory.backbones)

@@ -1,0 +1,150 @@
+"""``conceptctl erase``: make a model forget a concept (DoCo by default) and write an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from conceptctl.cli import console, options
+from conceptctl.errors import UsageError
+
+
+def erase(
+    concept: Annotated[str, typer.Argument(help="What to erase, e.g. 'Van Gogh' or 'church'.")],
+    anchor: Annotated[str, typer.Option("--anchor", "-a", help="What it should become instead, "
+                                        "e.g. 'painting' or 'house'.")],
+    concept_type: Annotated[
+        str | None,
+        typer.Option("--type", help="style, object or nudity (default: guessed from concept and "
+                     "anchor).", show_default=False),
+    ] = None,
+    backbone: options.Backbone = None,
+    method: Annotated[str, typer.Option(help="Erasure method (see 'conceptctl plugins').")
+                      ] = "doco",
+    discriminator: Annotated[str, typer.Option(help="DoCo discriminator.")] = "patchgan",
+    surgery: Annotated[str, typer.Option(help="Gradient surgery.")] = "doco",
+    anchor_selector: Annotated[
+        str | None,
+        typer.Option(help="Anchor-prompt selector (default: the backbone's, else templates).",
+                     show_default=False),
+    ] = None,
+    anchor_prompts: Annotated[
+        Path | None,
+        typer.Option(help="File of anchor prompts, one per line (selects 'prompt-file').",
+                     dir_okay=False, show_default=False),
+    ] = None,
+    params: Annotated[str, typer.Option(help="Trained parameters: cross-attn-kv, cross-attn or "
+                                        "full.")] = "cross-attn-kv",
+    steps: Annotated[int | None, typer.Option(help="Training steps (preset).", min=1,
+                                              show_default=False)] = None,
+    warmup: Annotated[int | None, typer.Option(help="Discriminator-only warm-up steps (preset).",
+                                               min=0, show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Anchor images per step (preset).",
+                                                   min=1, show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(help="UNet learning rate (preset).",
+                                             show_default=False)] = None,
+    d_lr: Annotated[float | None, typer.Option(help="Discriminator learning rate (preset).",
+                                               show_default=False)] = None,
+    surgery_strength: Annotated[float | None, typer.Option(
+        help="λ: share of the conflicting component removed (1).", show_default=False)] = None,
+    anchor_images: Annotated[int | None, typer.Option(
+        help="Anchor images per anchor prompt (preset).", min=1, show_default=False)] = None,
+    seed: options.Seed = 0,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact folder "
+                                                "(default: erased/<concept>-<method>).",
+                                                file_okay=False, show_default=False)] = None,
+    resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint-N folder name in "
+                                               "--output.", show_default=False)] = None,
+    checkpointing_steps: Annotated[int | None, typer.Option(
+        help="Save a checkpoint every N steps (preset).", min=1, show_default=False)] = None,
+    checkpoints_total_limit: Annotated[int | None, typer.Option(
+        help="Keep only the newest N checkpoints (2).", min=1, show_default=False)] = None,
+    overwrite: options.Overwrite = False,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    json_output: options.Json = False,
+) -> None:
+    """Erase CONCEPT: prompts asking for it should give ANCHOR instead; the rest keeps working."""
+    from conceptctl.backbones.resolve import resolve_backbone
+    from conceptctl.erasure.anchors import guess_type
+    from conceptctl.erasure.config import EraseConfig, preset
+    from conceptctl.erasure.run import check_config
+    from conceptctl.fileio import check_output_free, next_free_dir
+    from conceptctl.sampling import slug
+    from conceptctl.settings import load_settings
+
+    settings = load_settings()
+    spec = resolve_backbone(backbone or settings.default_backbone, settings=settings)
+    kind = concept_type or guess_type(concept, anchor)
+    selector = anchor_selector or ("prompt-file" if anchor_prompts else None)
+    base = EraseConfig(concept=concept.strip(), anchor=anchor.strip(), concept_type=kind,
+                       backbone=backbone or settings.default_backbone, seed=seed)
+    cfg = base.with_overrides(**preset(spec.family, kind)).with_overrides(
+        method=method, discriminator=discriminator, surgery=surgery, anchor_selector=selector,
+        anchor_prompts=str(anchor_prompts) if anchor_prompts else None, params=params,
+        steps=steps, warmup=warmup, batch_size=batch_size, lr=lr, d_lr=d_lr,
+        surgery_strength=surgery_strength, anchor_images_per_prompt=anchor_images,
+        checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,
+    )
+    if resume is not None and output is None:
+        raise UsageError("--resume needs --output: the folder of the run to continue")
+    out = output or next_free_dir(Path("erased") / f"{slug(concept)}-{cfg.method}")
+    # Settle bad input before any progress display starts, so the error is the first line.
+    check_config(cfg)
+    if resume is None:
+        check_output_free(out, overwrite)
+    result = _run(cfg, out, resume, overwrite, device, dtype)
+    summary = {"output": str(result.out_dir), "steps": result.steps, "seconds": result.seconds,
+               "peak_memory_mb": round(result.peak_memory_mb, 1),
+               "anchors_cached": result.anchors_cached, "warnings": result.warnings}
+    if json_output:
+        console.out.print_json(data=summary)
+        return
+    console.out.print(
+        f"erased {cfg.concept!r} -> {cfg.anchor!r} ({cfg.method}, {result.steps} steps) in "
+        f"{result.seconds['total']:.0f} s, peak memory {result.peak_memory_mb:.0f} MB\n"
+        f"artifact: {result.out_dir}\n"
+        f"try: conceptctl sample \"{cfg.concept}\" --model {result.out_dir} --compare")
+
+
+def _run(cfg, out, resume, overwrite, device, dtype):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from conceptctl.erasure.run import Reporter
+    from conceptctl.erasure.run import erase as run_erase
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console.err, transient=False) as progress:
+        tasks: dict[str, int] = {}
+        fired: list[float] = []
+
+        def bar(name: str, total: int) -> int:
+            if name not in tasks:
+                tasks[name] = progress.add_task(name, total=total, info="")
+            return tasks[name]
+
+        def on_step(step: int, total: int, stats) -> None:
+            info = f"D loss {stats.d_loss:.3f} acc {stats.d_accuracy:.0%}" if (
+                stats.d_loss is not None) else ""
+            if stats.generator_step:
+                info = f"loss {stats.loss:.4f} " + info
+                if stats.preserve_loss is not None:
+                    info += f" prior {stats.preserve_loss:.4f}"
+                if stats.surgery_fired is not None:
+                    fired.append(stats.surgery_fired)
+                    info += f" surgery {sum(fired) / len(fired):.0%}"
+            else:
+                info = "warm-up " + info
+            progress.update(bar("training", total), completed=step, info=info)
+
+        reporter = Reporter(
+            message=lambda text: progress.console.print(text, markup=False),
+            anchor_progress=lambda done, total: progress.update(
+                bar("anchor images (image-steps)", total), completed=done),
+            step=on_step,
+        )
+        return run_erase(cfg, out, resume=resume, overwrite=overwrite, device=device,
+                         dtype=dtype, reporter=reporter)

@@ -1,0 +1,27 @@
+"""What plugins register for most component kinds: a name, a factory, and a line of help.
+
+Registries hold these descriptions, never built objects, so listing them is instant; the trainer
+builds each component once, at start-up, by calling ``factory``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Component:
+    """A swappable part, e.g. ``Component("patchgan", PatchGAN, "the reference discriminator")``.
+
+    ``factory`` receives the keyword arguments documented for its kind (docs/plugins.md) and
+    returns the working object.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+
+    def build(self, **kwargs: Any) -> Any:
+        return self.factory(**kwargs)

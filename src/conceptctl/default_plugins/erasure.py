@@ -1,0 +1,123 @@
+"""Built-in erasure components: methods, discriminators, gradient surgeries, anchor selectors."""
+
+from conceptctl.components import Component
+from conceptctl.hookspecs import hookimpl
+
+
+def _doco(context, config):
+    import torch
+
+    from conceptctl.erasure.methods import DoCo
+    from conceptctl.registry import get_registry
+
+    backbone = context.backbone
+    disc = get_registry("discriminator").get(config.discriminator).build(
+        latent_channels=backbone.latent_channels,
+        latent_size=backbone.resolution // backbone.vae_scale_factor,
+    ).to(backbone.device)
+    surgery = get_registry("gradient-surgery").get(config.surgery).build(
+        strength=config.surgery_strength, prior_weight=config.prior_weight)
+    # The reference's discriminator optimiser: Adam, betas (0.5, 0.999).
+    d_opt = torch.optim.Adam(disc.parameters(), lr=config.d_lr, betas=(0.5, 0.999))
+    return DoCo(context, disc, d_opt, surgery, warmup=config.warmup)
+
+
+def _ca(context, config):
+    from conceptctl.erasure.methods import AblatingConcepts
+
+    return AblatingConcepts(context, prior_weight=1.0)
+
+
+def _esd_x(context, config):
+    from conceptctl.erasure.methods import EsdX
+
+    return EsdX(context, eta=config.esd_eta)
+
+
+def _patchgan(latent_channels, latent_size):
+    from conceptctl.erasure.discriminators import PatchGAN
+
+    return PatchGAN(latent_channels, latent_size)
+
+
+def _hinge_sn(latent_channels, latent_size):
+    from conceptctl.erasure.discriminators import HingeSpectral
+
+    return HingeSpectral(latent_channels, latent_size)
+
+
+def _doco_projection(strength, prior_weight):
+    from conceptctl.erasure.surgery import DocoProjection
+
+    return DocoProjection(strength)
+
+
+def _doco_reference(strength, prior_weight):
+    from conceptctl.erasure.surgery import DocoReference
+
+    return DocoReference(strength)
+
+
+def _pcgrad(strength, prior_weight):
+    from conceptctl.erasure.surgery import PCGrad
+
+    return PCGrad()
+
+
+def _weighted_sum(strength, prior_weight):
+    from conceptctl.erasure.surgery import WeightedSum
+
+    return WeightedSum(prior_weight)
+
+
+def _templates(config, backbone):
+    from conceptctl.erasure.anchors import template_anchor_set
+
+    return template_anchor_set(config.concept, config.anchor, config.concept_type)
+
+
+def _prompt_file(config, backbone):
+    from pathlib import Path
+
+    from conceptctl.erasure.anchors import file_anchor_set
+    from conceptctl.errors import UsageError
+
+    if not config.anchor_prompts:
+        raise UsageError("the prompt-file anchor selector needs --anchor-prompts FILE")
+    return file_anchor_set(Path(config.anchor_prompts), config.concept, config.anchor,
+                           config.concept_type)
+
+
+def _toy(config, backbone):
+    from conceptctl.toy.anchors import toy_anchor_set
+
+    return toy_anchor_set(config.concept, config.anchor, config.concept_type)
+
+
+@hookimpl
+def register_methods(register):
+    register(Component("doco", _doco, "DoCo: adversarial domain correction + gradient surgery"))
+    register(Component("ca", _ca, "Ablating Concepts (model-based) with prior preservation"))
+    register(Component("esd-x", _esd_x, "ESD on cross-attention: negative guidance target"))
+
+
+@hookimpl
+def register_discriminators(register):
+    register(Component("patchgan", _patchgan, "reference PatchGAN, BCE (DoCo default)"))
+    register(Component("hinge-sn", _hinge_sn, "PatchGAN layout, spectral norm, hinge loss"))
+
+
+@hookimpl
+def register_gradient_surgeries(register):
+    register(Component("doco", _doco_projection, "exact projection of conflicts (default)"))
+    register(Component("doco-reference", _doco_reference,
+                       "the authors' code: clip to norm 1, subtract cos * unit g_p"))
+    register(Component("pcgrad", _pcgrad, "symmetric PCGrad, both applied"))
+    register(Component("none", _weighted_sum, "no surgery: g_u + prior_weight * g_p"))
+
+
+@hookimpl
+def register_anchor_selectors(register):
+    register(Component("templates", _templates, "built-in offline templates per concept type"))
+    register(Component("prompt-file", _prompt_file, "your anchor prompts, one per line"))
+    register(Component("toy", _toy, "the toy world's own caption templates"))

@@ -1,0 +1,73 @@
+"""Every setting of an erasure run, and the presets they start from.
+
+SD presets are the DoCo paper's recipes (reference code, SD 1.4; see docs/erase.md):
+generator AdamW, weight decay 1e-2, lr 6e-6 per image of the batch (4.8e-5 at batch 8),
+grad-norm clip 1, batch 8 (+8 prior), 2000 steps of which the first 1000 train only the
+discriminator; discriminator Adam(betas 0.5, 0.999) at 5e-4 for styles and 1e-4 for objects and
+nudity; anchor images by DPM-Solver, 25 steps, guidance 6. Toy presets scale steps and anchor
+counts to the toy model and were chosen by measurement (docs/erase.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    concept: str
+    anchor: str
+    concept_type: str = "object"
+    backbone: str = "toy"
+    method: str = "doco"
+    discriminator: str = "patchgan"
+    surgery: str = "doco"
+    anchor_selector: str | None = None  # None: the backbone's preferred one, else templates
+    anchor_prompts: str | None = None  # file for the prompt-file selector
+    params: str = "cross-attn-kv"
+    steps: int = 2000
+    warmup: int = 1000
+    batch_size: int = 8
+    lr: float = 4.8e-5
+    d_lr: float = 1e-4
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    surgery_strength: float = 1.0
+    prior_weight: float = 0.1
+    esd_eta: float = 1.0
+    anchor_images_per_prompt: int = 5
+    anchor_steps: int = 25
+    anchor_guidance: float = 6.0
+    seed: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 2
+    mixed_precision: str = "no"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, **overrides) -> EraseConfig:
+        """A copy with every non-None override applied (CLI flags the user gave)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown erase settings: {', '.join(sorted(unknown))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# (backbone family, concept type) -> settings that differ from the dataclass defaults.
+_TOY = dict(steps=400, warmup=100, batch_size=8, lr=2e-4, anchor_images_per_prompt=4,
+            anchor_steps=20, anchor_guidance=3.0, checkpointing_steps=100)
+PRESETS: dict[tuple[str, str], dict] = {
+    ("sd", "style"): dict(d_lr=5e-4),
+    ("sd", "object"): dict(d_lr=1e-4),
+    ("sd", "nudity"): dict(d_lr=1e-4),
+    ("toy", "style"): dict(_TOY, d_lr=5e-4),
+    ("toy", "object"): dict(_TOY, d_lr=1e-4),
+}
+
+
+def preset(family: str, concept_type: str) -> dict:
+    """The preset for a backbone family ('toy' or any SD family) and concept type."""
+    key = ("toy" if family == "toy" else "sd", concept_type)
+    return dict(PRESETS.get(key, {}))

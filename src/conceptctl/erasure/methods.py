@@ -1,0 +1,147 @@
+"""Erasure methods: what one training step computes. DoCo and its two natural baselines share the
+anchor data, the trainer loop and the artifact, so they compare on equal footing.
+
+Every method gets the same :class:`Batch` (anchor latents with their anchor- and target-prompt
+embeddings) and leaves gradients in the trainable parameters' ``.grad``; the trainer clips and
+steps the optimiser. Symbols: ε_θ the student UNet, ε* the frozen original, x_t the noised
+anchor latent, c_a / c_t the anchor / target prompt, x̂0 the predicted clean latent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # x0 of anchor images, (B, C, h, w)
+    anchor_text: torch.Tensor  # c_a, embeddings of each image's anchor prompt
+    target_text: torch.Tensor  # c_t, the paired target prompt
+    empty_text: torch.Tensor  # ∅, the empty prompt (ESD's unconditional branch)
+
+
+@dataclass
+class StepStats:
+    loss: float  # the quantity the method minimises (adversarial loss for DoCo)
+    preserve_loss: float | None = None
+    d_loss: float | None = None
+    d_accuracy: float | None = None
+    surgery_fired: float | None = None  # share of trainable tensors whose gradient was changed
+    generator_step: bool = True  # False during DoCo's discriminator warm-up
+
+
+@dataclass
+class Context:
+    """What a method works with, built once by the trainer."""
+
+    backbone: object  # conceptctl Backbone (student UNet = backbone.unet)
+    frozen_unet: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    generator: torch.Generator
+
+
+def _noised(ctx: Context, batch: Batch):
+    """Shared first step: t ~ U{0..T-1}, ε ~ N(0, I), x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε."""
+    b = batch.latents.shape[0]
+    latents = batch.latents
+    t = torch.randint(0, ctx.backbone.num_train_timesteps, (b,), generator=ctx.generator)
+    noise = torch.randn(latents.shape, generator=ctx.generator).to(latents)
+    t = t.to(latents.device)
+    return ctx.backbone.scheduler.add_noise(latents, noise, t), noise, t
+
+
+def _preserving_loss(ctx: Context, batch: Batch, x_t, noise, t) -> torch.Tensor:
+    """L_prior: the student's ordinary denoising loss on anchor images with their own captions."""
+    pred = ctx.backbone.unet(x_t, t, batch.anchor_text).sample
+    target = ctx.backbone.training_target(batch.latents, noise, t)
+    return F.mse_loss(pred.float(), target.float())
+
+
+class DoCo:
+    """``doco``: adversarial concept-domain correction + concept-preserving gradient surgery."""
+
+    def __init__(self, ctx: Context, discriminator, d_optimizer, surgery, warmup: int) -> None:
+        self.ctx, self.disc, self.d_opt, self.surgery = ctx, discriminator, d_optimizer, surgery
+        self.warmup = warmup
+        # Saved in checkpoints alongside the UNet's trainable tensors, for exact resumption.
+        self.state_modules = {"discriminator": discriminator}
+        self.state_optimizers = {"discriminator": d_optimizer}
+
+    def training_step(self, batch: Batch, step: int) -> StepStats:
+        ctx = self.ctx
+        x_t, noise, t = _noised(ctx, batch)
+        backbone = ctx.backbone
+        # "Real": what the original model predicts for the anchor prompt, as a clean latent.
+        with torch.no_grad():
+            frozen = ctx.frozen_unet(x_t, t, batch.anchor_text).sample
+            real = backbone.predicted_original(x_t, frozen, t)
+        # "Fake": the student's clean-latent prediction for the target prompt.
+        fake = backbone.predicted_original(x_t, backbone.unet(x_t, t, batch.target_text).sample, t)
+
+        # Discriminator step (the only step during warm-up).
+        self.disc.train()
+        d_loss = self.disc.d_loss(real.float(), fake.detach().float())
+        self.d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.d_opt.step()
+        accuracy = self.disc.accuracy(real.float(), fake.detach().float())
+        if step <= self.warmup:
+            return StepStats(loss=float("nan"), d_loss=d_loss.item(), d_accuracy=accuracy,
+                             generator_step=False)
+
+        # Unlearning gradient g_u: make the target's x̂0 look like the anchor's to D.
+        params = list(ctx.params.values())
+        adv = self.disc.g_loss(fake.float())
+        g_u = torch.autograd.grad(adv, params)
+        # Preserving gradient g_p: keep denoising anchor images under their own captions.
+        prior = _preserving_loss(ctx, batch, x_t, noise, t)
+        g_p = torch.autograd.grad(prior, params)
+        fired = 0
+        for p, u, q in zip(params, g_u, g_p, strict=True):
+            p.grad, changed = self.surgery(u, q)
+            fired += changed
+        return StepStats(loss=adv.item(), preserve_loss=prior.item(), d_loss=d_loss.item(),
+                         d_accuracy=accuracy, surgery_fired=fired / len(params))
+
+
+class AblatingConcepts:
+    """``ca`` (Kumari et al. 2023, model-based): ε_θ(x_t, c_t) → sg ε*(x_t, c_a), plus the same
+    preserving loss as DoCo (weight ``prior_weight``) so the comparison isolates D + surgery."""
+
+    def __init__(self, ctx: Context, prior_weight: float = 1.0) -> None:
+        self.ctx, self.prior_weight = ctx, prior_weight
+
+    def training_step(self, batch: Batch, step: int) -> StepStats:
+        ctx = self.ctx
+        x_t, noise, t = _noised(ctx, batch)
+        with torch.no_grad():
+            goal = ctx.frozen_unet(x_t, t, batch.anchor_text).sample
+        loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
+                          goal.float())
+        prior = _preserving_loss(ctx, batch, x_t, noise, t)
+        (loss + self.prior_weight * prior).backward()
+        return StepStats(loss=loss.item(), preserve_loss=prior.item())
+
+
+class EsdX:
+    """``esd-x`` (Gandikota et al. 2023, cross-attention variant): ε_θ(x_t, c_t) →
+    ε*(x_t, ∅) − η (ε*(x_t, c_t) − ε*(x_t, ∅)), steering the concept's guidance direction
+    backwards. It needs no anchor: x_t comes from the same anchor latents for equal footing."""
+
+    def __init__(self, ctx: Context, eta: float = 1.0) -> None:
+        self.ctx, self.eta = ctx, eta
+
+    def training_step(self, batch: Batch, step: int) -> StepStats:
+        ctx = self.ctx
+        x_t, _, t = _noised(ctx, batch)
+        with torch.no_grad():
+            uncond = ctx.frozen_unet(x_t, t, batch.empty_text).sample
+            cond = ctx.frozen_unet(x_t, t, batch.target_text).sample
+            goal = uncond - self.eta * (cond - uncond)
+        loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
+                          goal.float())
+        loss.backward()
+        return StepStats(loss=loss.item())

@@ -1,0 +1,305 @@
+"""``erase()``: one erasure run from settings to artifact, as a library function.
+
+The order: check the settings and resolve every component (fail before any work), load the
+backbone, make anchor/target prompts, draw (or reuse) anchor latents, encode the fixed prompts
+once, build the method, resume if asked, train, write the artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import resource
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from conceptctl.erasure.anchors import CONCEPT_TYPES
+from conceptctl.erasure.artifact import FORMAT_VERSION, base_digest, write_artifact
+from conceptctl.erasure.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from conceptctl.erasure.config import EraseConfig
+from conceptctl.erasure.methods import Context, StepStats
+from conceptctl.erasure.params import PARAM_GROUPS, select_parameters
+from conceptctl.erasure.trainer import LoopState, TrainingData, run_loop
+from conceptctl.errors import OutputExistsError, UsageError
+from conceptctl.registry import get_registry
+
+
+@dataclass
+class Reporter:
+    """Callbacks the CLI uses to draw progress; all optional."""
+
+    message: Callable[[str], None] = lambda text: None
+    anchor_progress: Callable[[int, int], None] = lambda done, total: None
+    step: Callable[[int, int, StepStats], None] = lambda step, total, stats: None
+
+
+@dataclass
+class EraseResult:
+    out_dir: Path
+    steps: int
+    seconds: dict[str, float]
+    peak_memory_mb: float
+    anchors_cached: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_config(cfg: EraseConfig) -> None:
+    """Reject settings that cannot work, before anything is loaded."""
+    if not cfg.concept.strip():
+        raise UsageError("the concept to erase is empty", hint='conceptctl erase "Van Gogh" '
+                         "--anchor painting")
+    if not cfg.anchor.strip():
+        raise UsageError("the anchor concept is empty", hint="--anchor names what the concept "
+                         "should become, e.g. --anchor painting")
+    if cfg.concept.strip().lower() == cfg.anchor.strip().lower():
+        raise UsageError(f"the anchor equals the concept ({cfg.concept!r})",
+                         hint="choose an anchor the concept should turn into, e.g. church -> "
+                         "house")
+    if cfg.concept_type not in CONCEPT_TYPES:
+        raise UsageError(f"unknown concept type {cfg.concept_type!r}; use "
+                         f"{', '.join(CONCEPT_TYPES)}")
+    for name, minimum in (("steps", 1), ("batch_size", 1), ("anchor_images_per_prompt", 1),
+                          ("anchor_steps", 1)):
+        if getattr(cfg, name) < minimum:
+            raise UsageError(f"{name.replace('_', '-')} must be at least {minimum}")
+    if not 0 <= cfg.warmup < cfg.steps:
+        raise UsageError(f"warm-up ({cfg.warmup}) must be at least 0 and below steps "
+                         f"({cfg.steps})")
+    for name in ("lr", "d_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"{name.replace('_', '-')} must be positive")
+    if cfg.params not in PARAM_GROUPS:
+        raise UsageError(f"unknown parameter group {cfg.params!r}; available: "
+                         f"{', '.join(PARAM_GROUPS)}")
+    for kind, name in (("method", cfg.method), ("discriminator", cfg.discriminator),
+                       ("gradient-surgery", cfg.surgery)):
+        get_registry(kind).entry(name)  # UnknownComponentError lists the available ones
+    if cfg.anchor_selector is not None:
+        get_registry("anchor-selector").entry(cfg.anchor_selector)
+
+
+def _prepare_output(out_dir: Path, resume: str | None, overwrite: bool) -> None:
+    if resume is not None:
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"{out_dir} already exists",
+                                    hint="choose another --output, pass --overwrite to replace "
+                                    "it, or --resume latest to continue its run")
+        shutil.rmtree(out_dir)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def erase(
+    cfg: EraseConfig,
+    out_dir: Path,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    reporter: Reporter | None = None,
+) -> EraseResult:
+    """Run one erasure and write its artifact to ``out_dir``."""
+    from conceptctl.backbones.loading import open_backbone
+    from conceptctl.erasure.anchor_data import anchor_latents
+    from conceptctl.sampling import SampleSettings, library_versions
+    from conceptctl.settings import load_settings
+
+    report = reporter or Reporter()
+    started = time.time()
+    check_config(cfg)
+    out_dir = Path(out_dir)
+    _prepare_output(out_dir, resume, overwrite)
+
+    backbone = open_backbone(cfg.backbone, device=device, dtype=dtype)
+    selector_name = cfg.anchor_selector or backbone.spec.anchor_selector or "templates"
+    selector = get_registry("anchor-selector").entry(selector_name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        anchors = selector.value.build(config=cfg, backbone=backbone.spec)
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        report.message(f"warning: {note}")
+
+    # Anchor images from the ORIGINAL model, reused across runs with the same settings.
+    anchor_settings = SampleSettings(
+        prompts=anchors.anchor, images_per_prompt=cfg.anchor_images_per_prompt, seed=cfg.seed,
+        steps=cfg.anchor_steps, guidance=cfg.anchor_guidance, batch_size=32,
+    ).for_backbone(backbone)
+    total = len(anchors.anchor) * cfg.anchor_images_per_prompt * anchor_settings.steps
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        report.anchor_progress(done, total)
+
+    t0 = time.time()
+    latents, cached, cache_file = anchor_latents(backbone, anchor_settings,
+                                                 load_settings().cache_dir, on_step=advance)
+    anchor_seconds = time.time() - t0
+    report.message(("reused" if cached else "generated") +
+                   f" {len(latents)} anchor images ({cache_file.name})")
+
+    # Fixed prompts are encoded once; training never runs the text encoder.
+    data = TrainingData(
+        latents=latents,
+        prompt_index=torch.arange(len(anchors.anchor)).repeat_interleave(
+            cfg.anchor_images_per_prompt),
+        anchor_text=backbone.encode_prompts(list(anchors.anchor)).cpu(),
+        target_text=backbone.encode_prompts(list(anchors.target)).cpu(),
+        empty_text=backbone.encode_prompts([""]).cpu(),
+    )
+
+    unet = backbone.unet
+    frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+    unet.requires_grad_(False)
+    params = select_parameters(unet, cfg.params)
+    for p in params.values():
+        p.requires_grad_(True)
+    base = base_digest(unet, params)
+    state = LoopState(generator=torch.Generator().manual_seed(cfg.seed))
+    context = Context(backbone=backbone, frozen_unet=frozen, params=params,
+                      generator=state.generator)
+    # Components initialise their weights from torch's global generator: seed it for them
+    # (without disturbing the caller's) so that two runs with one seed start identically.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        method = get_registry("method").get(cfg.method).build(context=context, config=cfg)
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizers = {"generator": optimizer, **getattr(method, "state_optimizers", {})}
+    modules = dict(getattr(method, "state_modules", {}))
+
+    if resume is not None:
+        found = list_checkpoints(out_dir)
+        if resume != "latest":
+            found = [p for p in found if p.name == resume]
+        if found:
+            state.step, state.history = load_checkpoint(
+                found[-1], trainable=params, optimizers=optimizers, modules=modules,
+                generator=state.generator)
+            report.message(f"resumed from {found[-1].name}")
+        elif resume != "latest":
+            raise UsageError(f"no checkpoint {resume!r} in {out_dir}")
+        else:
+            report.message("no checkpoint to resume from; starting at step 0")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(out_dir, step, trainable=params, optimizers=optimizers, modules=modules,
+                        generator=state.generator, history=state.history,
+                        keep=cfg.checkpoints_total_limit)
+
+    t0 = time.time()
+    unet.train()
+    run_loop(method, optimizer, params, data, state, steps=cfg.steps,
+             batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm,
+             device=backbone.device, dtype=backbone.dtype,
+             on_step=lambda step, stats: report.step(step, cfg.steps, stats),
+             checkpoint=checkpoint, checkpoint_every=cfg.checkpointing_steps)
+    unet.eval()
+    train_seconds = time.time() - t0
+
+    seconds = {"anchors": round(anchor_seconds, 2), "training": round(train_seconds, 2),
+               "total": round(time.time() - started, 2)}
+    peak = _peak_memory_mb(backbone.device)
+    manifest = _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
+                         selector, seconds, peak, state.history, library_versions())
+    write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
+                   _model_card(manifest))
+    return EraseResult(out_dir, state.step, seconds, peak, cached, notes)
+
+
+def _component_info(kind: str, name: str) -> dict:
+    from conceptctl.plugins import plugin_infos
+
+    entry = get_registry(kind).entry(name)
+    info = {i.name: i for i in plugin_infos()}.get(entry.plugin)
+    return {"name": name, "plugin": entry.plugin,
+            "package": info.package if info else None, "version": info.version if info else None}
+
+
+def _summary(history: list[dict]) -> dict:
+    trained = [h for h in history if h.get("generator_step")]
+    last = trained[-50:]
+
+    def mean(key: str):
+        values = [h[key] for h in last if h.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    fired = [h["surgery_fired"] for h in trained if h.get("surgery_fired") is not None]
+    return {"final_loss": mean("loss"), "final_preserve_loss": mean("preserve_loss"),
+            "final_d_accuracy": mean("d_accuracy"),
+            "surgery_fired_share": sum(fired) / len(fired) if fired else None}
+
+
+def _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file, selector,
+              seconds, peak, history, versions) -> dict:
+    from dataclasses import asdict
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "values",  # weights.safetensors holds new values of the listed tensors
+        "concept": cfg.concept,
+        "anchor": cfg.anchor,
+        "concept_type": cfg.concept_type,
+        "method": cfg.method,
+        "base": {**backbone.describe(), "tensors_digest": base,
+                 "tensors": sorted(params)},
+        "components": {
+            "method": _component_info("method", cfg.method),
+            "discriminator": _component_info("discriminator", cfg.discriminator),
+            "gradient_surgery": _component_info("gradient-surgery", cfg.surgery),
+            "anchor_selector": _component_info("anchor-selector", selector.name),
+        },
+        "hyperparameters": cfg.as_dict(),
+        "seed": cfg.seed,
+        "anchors": {"prompts": list(anchors.anchor), "targets": list(anchors.target),
+                    "sampler": asdict(anchor_settings) | {"prompts": len(anchors.anchor)},
+                    "cache_file": cache_file.name},
+        "training": _summary(history),
+        "seconds": seconds,
+        "peak_memory_mb": round(peak, 1),
+        "machine": {"platform": platform.platform(), "device": str(backbone.device),
+                    "torch_threads": torch.get_num_threads()},
+        "versions": versions,
+    }
+
+
+def _model_card(m: dict) -> str:
+    h = m["hyperparameters"]
+    return f"""# {m['concept']} erased from {m['base']['name']} ({m['method']})
+
+This folder is a conceptctl erasure artifact: prompts
+asking for **{m['concept']}** ({m['concept_type']}) should now give **{m['anchor']}** instead.
+
+| | |
+| --- | --- |
+| base model | {m['base']['name']} (`{m['base']['source']}`) |
+| base tensors replaced | {len(m['base']['tensors'])}, digest `{m['base']['tensors_digest']}` |
+| method | {m['method']} (discriminator {h['discriminator']}, surgery {h['surgery']}) |
+| trained parameters | {h['params']} |
+| steps / warm-up / batch | {h['steps']} / {h['warmup']} / {h['batch_size']} |
+| learning rates | generator {h['lr']}, discriminator {h['d_lr']} |
+| seed | {h['seed']} |
+| anchor prompts | {len(m['anchors']['prompts'])} x {h['anchor_images_per_prompt']} images |
+| time | {m['seconds']['total']} s ({m['machine']['device']}) |
+
+`weights.safetensors` holds the new values of the replaced UNet tensors; `conceptctl.json` holds
+every setting, component version and library version. Use it with
+`conceptctl sample "PROMPT" --model THIS_FOLDER` (add `--compare` to see the original beside it).
+"""

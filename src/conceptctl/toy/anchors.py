@@ -1,0 +1,56 @@
+"""Anchor and target prompts from the toy world's own caption templates.
+
+Erasing a style (Van Gogh -> painting) pairs, for every object and colour, a caption of the
+anchor style with a caption of the concept style; erasing an object (church -> house) pairs the
+same caption (same template, same style and colour) about the anchor object and about the
+concept. Only training templates are used: held-out ones stay unseen for evaluation.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+from conceptctl.erasure.anchors import AnchorSet, template_anchor_set
+from conceptctl.toy.world import COLORS, OBJECTS, STYLES, Concept, caption, normalise
+
+
+class UnknownToyConceptWarning(UserWarning):
+    """The concept or anchor is not part of the toy world; generic templates are used."""
+
+
+def _axis_of(word: str) -> tuple[str, str] | None:
+    for axis in ("object", "style"):
+        try:
+            return axis, normalise(axis, word)
+        except ValueError:
+            continue
+    return None
+
+
+def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
+                   seed: int = 0) -> AnchorSet:
+    """Paired toy captions; ``per_pair`` captions for each (object or style, colour) pair."""
+    found_concept, found_anchor = _axis_of(concept), _axis_of(anchor)
+    if found_concept is None or found_anchor is None or found_concept[0] != found_anchor[0]:
+        missing = concept if found_concept is None else anchor
+        warnings.warn(UnknownToyConceptWarning(
+            f"the toy model never learned {missing!r} as an object or style matching "
+            f"{concept!r} -> {anchor!r}; using generic templates, expect little effect"),
+            stacklevel=2)
+        return template_anchor_set(concept, anchor, kind)
+    axis, target_value = found_concept
+    anchor_value = found_anchor[1]
+    rng = random.Random(seed)
+    anchors, targets = [], []
+    others = OBJECTS if axis == "style" else STYLES
+    for other in others:
+        for color in COLORS:
+            for _ in range(per_pair):
+                state = rng.getstate()
+                make = (lambda v, o=other, c=color: Concept(o, v, c)) if axis == "style" else (
+                    lambda v, o=other, c=color: Concept(v, o, c))
+                anchors.append(caption(make(anchor_value), rng))
+                rng.setstate(state)  # same template and synonyms for the paired target
+                targets.append(caption(make(target_value), rng))
+    return AnchorSet(tuple(anchors), tuple(targets))

@@ -1,0 +1,216 @@
+"""DoCo and its baselines on the tiny SD1-/SD2-shaped pipelines: what changes, the artifact, the
+anchor cache, resumption and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conceptctl.backbones.loading import open_backbone
+from conceptctl.erasure.artifact import BaseMismatchError, apply_artifact, read_artifact
+from conceptctl.erasure.config import EraseConfig
+from conceptctl.erasure.params import select_parameters
+from conceptctl.erasure.run import erase
+
+
+def _config(backbone, **overrides):
+    settings = dict(concept="church", anchor="house", concept_type="object",
+                    backbone=str(backbone), steps=4, warmup=1, batch_size=2,
+                    anchor_images_per_prompt=1, anchor_steps=2, checkpointing_steps=2,
+                    lr=1e-3, d_lr=1e-3)
+    return EraseConfig(**{**settings, **overrides})
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sd2"])
+@pytest.mark.parametrize("method", ["doco", "ca", "esd-x"])
+def test_only_the_chosen_parameters_change(request, tmp_path, fixture, method):
+    base = request.getfixturevalue(fixture)
+    before = {k: v.clone() for k, v in open_backbone(str(base), device="cpu").unet.state_dict()
+              .items()}
+    erase(_config(base, method=method), tmp_path / "out")
+    artifact = read_artifact(tmp_path / "out")
+    chosen = set(select_parameters(open_backbone(str(base), device="cpu").unet, "cross-attn-kv"))
+    assert set(artifact.weights) == chosen
+    assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in chosen)
+    changed = {n for n, v in artifact.weights.items() if not torch.equal(v, before[n])}
+    assert changed == chosen  # every trained tensor moved, nothing else is in the artifact
+    manifest = artifact.manifest
+    assert manifest["method"] == method and manifest["kind"] == "values"
+    assert manifest["base"]["prediction_type"] == (
+        "v_prediction" if fixture == "tiny_sd2" else "epsilon")
+    assert manifest["components"]["method"]["plugin"] == "builtin-erasure"
+    assert {"torch", "diffusers", "conceptctl"} <= set(manifest["versions"])
+    assert (tmp_path / "out" / "README.md").read_text().startswith("# church erased")
+
+
+@pytest.mark.parametrize("group, rule", [
+    ("cross-attn", lambda n: ".attn2." in n),
+    ("full", lambda n: True),
+])
+def test_parameter_groups(tiny_sd1, group, rule):
+    unet = open_backbone(str(tiny_sd1), device="cpu").unet
+    chosen = select_parameters(unet, group)
+    assert set(chosen) == {n for n, _ in unet.named_parameters() if rule(n)}
+
+
+def test_artifact_applies_to_its_base_only(tiny_sd1, tmp_path):
+    from conceptctl.testing import save_tiny_pipeline
+
+    erase(_config(tiny_sd1), tmp_path / "out")
+    artifact = read_artifact(tmp_path / "out")
+    model = open_backbone(str(tiny_sd1), device="cpu")
+    assert apply_artifact(model, artifact) == []
+    params = dict(model.unet.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in artifact.weights.items())
+    other = open_backbone(str(save_tiny_pipeline(tmp_path / "other", "sd1", seed=1)),
+                          device="cpu")
+    with pytest.raises(BaseMismatchError, match="made from base"):
+        apply_artifact(other, artifact)
+    notes = apply_artifact(other, artifact, force=True)
+    assert notes and notes[0].startswith("forced:")
+
+
+def test_anchor_images_are_reused(tiny_sd1, tmp_path):
+    first = erase(_config(tiny_sd1), tmp_path / "a")
+    second = erase(_config(tiny_sd1, method="ca"), tmp_path / "b")
+    third = erase(_config(tiny_sd1, seed=1), tmp_path / "c")
+    assert (first.anchors_cached, second.anchors_cached, third.anchors_cached) == (
+        False, True, False)
+
+
+def test_checkpoints_rotate(tiny_sd1, tmp_path):
+    erase(_config(tiny_sd1, steps=8, checkpointing_steps=2, checkpoints_total_limit=2),
+          tmp_path / "out")
+    kept = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkp"))
+    assert kept == ["checkpoint-6", "checkpoint-8"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights(tiny_sd1, tmp_path):
+    """A real subprocess is killed mid-run; '--resume latest' finishes bit for bit equal."""
+    args = ["erase", "church", "--anchor", "house", "-b", str(tiny_sd1), "--steps", "300",
+            "--warmup", "20", "--batch-size", "2", "--anchor-images", "1",
+            "--checkpointing-steps", "25", "--lr", "1e-3", "--d-lr", "1e-3"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "conceptctl"]
+    subprocess.run([*cmd, *args, "-o", str(tmp_path / "full")], env=env, check=True,
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, *args, "-o", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-50").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "conceptctl.json").exists(), "the run finished before it was killed"
+    resumed = subprocess.run([*cmd, *args, "-o", str(killed), "--resume", "latest"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from checkpoint-" in resumed.stderr
+    full, again = read_artifact(tmp_path / "full"), read_artifact(killed)
+    assert full.weights.keys() == again.weights.keys()
+    assert all(torch.equal(full.weights[k], again.weights[k]) for k in full.weights)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["", "--anchor", "house"], "the concept to erase is empty"),
+    (["church", "--anchor", "Church"], "the anchor equals the concept"),
+    (["church", "--anchor", "house", "--method", "magic"],
+     "unknown method 'magic'; available: doco, ca, esd-x"),
+    (["church", "--anchor", "house", "--discriminator", "big"],
+     "unknown discriminator 'big'; available: patchgan, hinge-sn"),
+    (["church", "--anchor", "house", "--surgery", "laser"],
+     "unknown gradient-surgery 'laser'; available: doco, doco-reference, pcgrad, none"),
+    (["church", "--anchor", "house", "--anchor-selector", "llm"], "unknown anchor-selector"),
+    (["church", "--anchor", "house", "--type", "vibe"], "unknown concept type 'vibe'"),
+    (["church", "--anchor", "house", "--steps", "5", "--warmup", "5"], "warm-up (5)"),
+    (["church", "--anchor", "house", "--params", "lora"], "unknown parameter group 'lora'"),
+])
+def test_bad_input_is_one_clear_line(cli, tiny_sd1, tmp_path, args, message):
+    result = cli("erase", "--steps", "2", "--warmup", "1", *args, "-b", tiny_sd1, "-o",
+                 tmp_path / "out")
+    assert result.code != 0
+    assert result.err.splitlines()[0].startswith("error:")
+    assert message in result.err.splitlines()[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused(cli, tiny_sd1, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    result = cli("erase", "church", "--anchor", "house", "-b", tiny_sd1, "-o", out)
+    assert result.code == 1 and "already exists" in result.err and "--overwrite" in result.err
+    assert (out / "mine.txt").read_text() == "keep"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cli, tiny_sd1, tmp_path):
+    from conceptctl.components import Component
+    from conceptctl.erasure.methods import StepStats
+    from conceptctl.hookspecs import hookimpl
+    from conceptctl.plugins import register_plugin, unregister_plugin
+
+    class Exploding:
+        def __init__(self, context, config):
+            self.params = list(context.params.values())
+
+        def training_step(self, batch, step):
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+            return StepStats(loss=1.0 if step < 4 else float("nan"))
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(Component("exploding", Exploding, "test method that diverges"))
+
+    register_plugin(Plugin(), "exploding-plugin")
+    try:
+        result = cli("erase", "church", "--anchor", "house", "-b", tiny_sd1, "-o",
+                     tmp_path / "out", "--method", "exploding", "--steps", "6",
+                     "--warmup", "0", "--checkpointing-steps", "2", "--anchor-images", "1")
+    finally:
+        unregister_plugin("exploding-plugin")
+    assert result.code == 1
+    assert "the loss became nan at step 4" in result.err
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "out" / "conceptctl.json").exists()
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "state.json").read_text())[
+        "step"] == 2
+
+
+def test_sample_with_model_and_compare(cli, tiny_sd1, tmp_path):
+    erase(_config(tiny_sd1), tmp_path / "art")
+    result = cli("sample", "a church", "--model", tmp_path / "art", "--compare", "-n", "2",
+                 "--steps", "2", "-o", tmp_path / "s")
+    assert result.code == 0, result.err
+    sidecar = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert sidecar["compare"] is True and sidecar["model"]["concept"] == "church"
+    assert sidecar["backbone"]["name"] == str(tiny_sd1.resolve())
+    assert sorted(p.name for p in (tmp_path / "s" / "original").iterdir()) == [
+        "000-a-church-00.png", "000-a-church-01.png"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "grid.png").size == (4 * 16, 16)
+    # the original half is the unmodified model: same pixels as sampling the base directly
+    plain = cli("sample", "a church", "-b", tiny_sd1, "-n", "2", "--steps", "2", "-o",
+                tmp_path / "plain")
+    assert plain.code == 0
+    assert (tmp_path / "plain" / "000-a-church-00.png").read_bytes() == (
+        tmp_path / "s" / "original" / "000-a-church-00.png").read_bytes()
+
+
+def test_sample_model_errors(cli, tiny_sd1, tiny_sd2, tmp_path):
+    assert "--compare needs --model" in cli("sample", "x", "--compare", "-b", tiny_sd1).err
+    assert "not a conceptctl artifact" in cli("sample", "x", "--model", tmp_path).err
+    erase(_config(tiny_sd1), tmp_path / "art")
+    wrong = cli("sample", "x", "--model", tmp_path / "art", "-b", tiny_sd2, "--force")
+    assert wrong.code == 1 and "different architecture" in wrong.err
