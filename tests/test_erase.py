@@ -214,3 +214,30 @@ def test_sample_model_errors(cli, tiny_sd1, tiny_sd2, tmp_path):
     erase(_config(tiny_sd1), tmp_path / "art")
     wrong = cli("sample", "x", "--model", tmp_path / "art", "-b", tiny_sd2, "--force")
     assert wrong.code == 1 and "different architecture" in wrong.err
+
+
+def test_concept_the_toy_never_learned_warns(cli, tmp_path):
+    result = cli("erase", "Mickey Mouse", "--anchor", "cartoon character", "--steps", "2",
+                 "--warmup", "1", "--anchor-images", "1", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    assert "warning: the toy model never learned 'Mickey Mouse'" in result.err
+    manifest = json.loads((tmp_path / "out" / "conceptctl.json").read_text())
+    assert manifest["components"]["anchor_selector"]["name"] == "toy"
+    assert manifest["base"]["name"] == "toy"
+
+
+def test_toy_erase_uses_toy_prompts_and_reuses_anchor_images(cli, tmp_path):
+    args = ["erase", "church", "--anchor", "house", "--steps", "2", "--warmup", "1",
+            "--anchor-images", "1", "--json"]
+    first = cli(*args, "-o", tmp_path / "a")
+    assert first.code == 0, first.err
+    assert json.loads(first.out)["anchors_cached"] is False
+    second = cli(*args, "--method", "ca", "-o", tmp_path / "b")
+    assert json.loads(second.out)["anchors_cached"] is True
+    manifest = json.loads((tmp_path / "a" / "conceptctl.json").read_text())
+    assert manifest["concept_type"] == "object"
+    pairs = list(zip(manifest["anchors"]["prompts"], manifest["anchors"]["targets"],
+                     strict=True))
+    assert len(pairs) == 40
+    assert all(any(w in a for w in ("house", "cottage", "home")) for a, _ in pairs)
+    assert all(any(w in t for w in ("church", "chapel")) for _, t in pairs)

@@ -73,7 +73,7 @@ def judge(
                                               "probabilities.")] = False,
 ) -> None:
     """Say which object, style and colour each image shows, with the judge's confidence."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from conceptctl.toy.judge import JUDGE_FILE, Judge, load_images
 
@@ -87,7 +87,7 @@ def judge(
             console.out.print(json.dumps({"path": str(path), **verdict.as_dict()}),
                               markup=False, soft_wrap=True)
         return
-    table = Table("image", "object", "style", "color")
+    table = Table(Column("image", overflow="fold"), "object", "style", "color")
     for path, verdict in zip(images, verdicts, strict=True):
         cells = [f"{verdict.labels[a]} ({verdict.probabilities[a][verdict.labels[a]]:.0%})"
                  for a in ("object", "style", "color")]
