@@ -56,14 +56,16 @@ class EraseConfig:
 
 
 # (backbone family, concept type) -> settings that differ from the dataclass defaults.
-_TOY = dict(steps=400, warmup=100, batch_size=8, lr=2e-4, anchor_images_per_prompt=4,
-            anchor_steps=20, anchor_guidance=3.0, checkpointing_steps=100)
+_TOY = dict(steps=400, warmup=100, batch_size=8, anchor_images_per_prompt=4,
+            anchor_steps=20, anchor_guidance=3.0, checkpointing_steps=100, d_lr=5e-4)
 PRESETS: dict[tuple[str, str], dict] = {
     ("sd", "style"): dict(d_lr=5e-4),
     ("sd", "object"): dict(d_lr=1e-4),
     ("sd", "nudity"): dict(d_lr=1e-4),
-    ("toy", "style"): dict(_TOY, d_lr=5e-4),
-    ("toy", "object"): dict(_TOY, d_lr=1e-4),
+    # Measured on the toy (docs/erase.md): objects need the gentler UNet rate, since toy
+    # object captions sit close together in the text encoder's space.
+    ("toy", "style"): dict(_TOY, lr=2e-4),
+    ("toy", "object"): dict(_TOY, lr=1e-4),
 }
 
 
