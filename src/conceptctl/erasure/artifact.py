@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conceptctl.errors import ConceptctlError
@@ -83,11 +82,6 @@ def read_artifact(path: Path) -> Artifact:
         raise ConceptctlError(f"{path} has artifact format {manifest.get('format_version')}; "
                               f"this conceptctl reads format {FORMAT_VERSION}")
     return Artifact(path, manifest, load_file(str(path / WEIGHTS)))
-
-
-def weights_header(path: Path) -> dict:
-    with safe_open(str(path), "pt") as fh:
-        return json.loads((fh.metadata() or {}).get("conceptctl", "{}"))
 
 
 def base_digest(unet: torch.nn.Module, names) -> str:

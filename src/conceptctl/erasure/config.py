@@ -41,7 +41,6 @@ class EraseConfig:
     seed: int = 0
     checkpointing_steps: int = 500
     checkpoints_total_limit: int = 2
-    mixed_precision: str = "no"
 
     def as_dict(self) -> dict:
         return asdict(self)
