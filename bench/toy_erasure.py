@@ -1,7 +1,7 @@
 """Erase a toy concept and measure it: the figures in docs/erase.md.
 
     python bench/toy_erasure.py --concept "Van Gogh" --anchor painting [--method doco]
-           [--seeds 2] [any erase override: --steps 400 --lr 2e-4 ...] [--out DIR]
+           [--seeds 2] [--seed 0] [any erase override: --steps 400 --lr 2e-4 ...] [--out DIR]
 
 Runs `erase()` with the toy preset (plus overrides), then judges fixed prompt groups drawn by
 the original and the erased model with the same seeds (conceptctl.toy.erasure_check). Prints
@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--concept", required=True)
     parser.add_argument("--anchor", required=True)
     parser.add_argument("--method", default="doco")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2, help="judged images per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="the erase run's seed")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--skip-erase", action="store_true",
                         help="measure an existing artifact at --out instead of erasing again")
@@ -43,7 +44,8 @@ def main() -> None:
     kind = guess_type(args.concept, args.anchor)
     cfg = EraseConfig(concept=args.concept, anchor=args.anchor, concept_type=kind,
                       backbone="toy").with_overrides(**preset("toy", kind)).with_overrides(
-        method=args.method, steps=args.steps, warmup=args.warmup, batch_size=args.batch_size,
+        method=args.method, seed=args.seed, steps=args.steps, warmup=args.warmup,
+        batch_size=args.batch_size,
         lr=args.lr, d_lr=args.d_lr, anchor_images_per_prompt=args.anchor_images,
         surgery=args.surgery, discriminator=args.discriminator, params=args.params)
     out = args.out or Path(tempfile.mkdtemp(prefix="toy-erasure-")) / "artifact"

@@ -241,3 +241,42 @@ def test_toy_erase_uses_toy_prompts_and_reuses_anchor_images(cli, tmp_path):
     assert len(pairs) == 40
     assert all(any(w in a for w in ("house", "cottage", "home")) for a, _ in pairs)
     assert all(any(w in t for w in ("church", "chapel")) for _, t in pairs)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16"])
+def test_mixed_precision_trains_the_same_parameters_close_to_fp32(tiny_sd1, tmp_path, mode):
+    erase(_config(tiny_sd1), tmp_path / "fp32")
+    erase(_config(tiny_sd1, mixed_precision=mode), tmp_path / mode)
+    full, mixed = read_artifact(tmp_path / "fp32"), read_artifact(tmp_path / mode)
+    assert set(full.weights) == set(mixed.weights)
+    before = {k: v for k, v in open_backbone(str(tiny_sd1), device="cpu").unet.state_dict()
+              .items()}
+    for name, value in mixed.weights.items():
+        assert value.dtype == torch.float32  # master weights stay fp32
+        assert torch.isfinite(value).all()
+        moved_full = (full.weights[name] - before[name]).norm()
+        # Same direction of travel as the fp32 run, up to low-precision noise.
+        cos = torch.nn.functional.cosine_similarity(
+            (value - before[name]).flatten(), (full.weights[name] - before[name]).flatten(),
+            dim=0)
+        assert moved_full > 0 and cos > 0.9, (name, float(cos))
+    precision = mixed.manifest["training"]["precision"]
+    assert precision["mode"] == mode
+    assert mixed.manifest["hyperparameters"]["mixed_precision"] == mode
+
+
+def test_fp16_loss_scale_skips_overflowing_steps():
+    from conceptctl.erasure.precision import Precision
+
+    param = torch.nn.Parameter(torch.ones(3))
+    precision = Precision("fp16", "cpu", init_scale=2.0**8)
+    param.grad = None
+    precision.backward((param * 2).sum())
+    assert precision.finish([param]) and torch.equal(param.grad, torch.full((3,), 2.0))
+    param.grad = None
+    precision.backward((param * float("inf")).sum())
+    assert not precision.finish([param])  # skipped, scale halved
+    assert precision.scale == 2.0**7 and precision.skipped_steps == 1
+    param.grad = None  # the trainer zeroes gradients before every step
+    grads = precision.grad((param * 3).sum(), [param])
+    assert torch.equal(grads[0], torch.full((3,), 3.0)) and precision.finish([param])

@@ -61,6 +61,9 @@ def erase(
         help="Save a checkpoint every N steps (preset).", min=1, show_default=False)] = None,
     checkpoints_total_limit: Annotated[int | None, typer.Option(
         help="Keep only the newest N checkpoints (2).", min=1, show_default=False)] = None,
+    mixed_precision: Annotated[str, typer.Option(
+        help="Autocast the UNet passes: no, fp16 (with loss scaling) or bf16; weights stay "
+        "fp32.")] = "no",
     overwrite: options.Overwrite = False,
     device: options.Device = None,
     dtype: options.Dtype = None,
@@ -84,6 +87,7 @@ def erase(
     cfg = base.with_overrides(**preset(spec.family, kind)).with_overrides(
         method=method, discriminator=discriminator, surgery=surgery, anchor_selector=selector,
         anchor_prompts=str(anchor_prompts) if anchor_prompts else None, params=params,
+        mixed_precision=mixed_precision,
         steps=steps, warmup=warmup, batch_size=batch_size, lr=lr, d_lr=d_lr,
         surgery_strength=surgery_strength, anchor_images_per_prompt=anchor_images,
         checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,

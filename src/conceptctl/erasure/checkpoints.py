@@ -1,8 +1,9 @@
 """``checkpoint-{step}/`` folders: everything needed to resume a run bit for bit, no pickles.
 
 A checkpoint holds the trainable tensors, each optimiser's state, the discriminator (if any), the
-training random generator's state and the loop history. Optimiser states are flattened into
-safetensors (tensors) plus JSON (hyperparameters), so loading one never runs code.
+training random generator's state, the loop history and small JSON extras (the fp16 loss scale).
+Optimiser states are flattened into safetensors (tensors) plus JSON (hyperparameters), so loading
+one never runs code.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def save_checkpoint(
     generator: torch.Generator,
     history: list[dict],
     keep: int,
+    extra: dict | None = None,
 ) -> Path:
     """Write ``out_dir/checkpoint-{step}`` atomically, then keep only the newest ``keep``."""
     final = out_dir / f"checkpoint-{step}"
@@ -60,7 +62,8 @@ def save_checkpoint(
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
                   str(staging / "trainable.safetensors"))
-        meta: dict = {"step": step, "optimizers": {}, "modules": list(modules)}
+        meta: dict = {"step": step, "optimizers": {}, "modules": list(modules),
+                      "extra": extra or {}}
         for name, opt in optimizers.items():
             tensors, opt_meta = _optimizer_tensors(opt)
             save_file(tensors, str(staging / f"optimizer-{name}.safetensors"))
@@ -97,8 +100,8 @@ def load_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     modules: dict[str, torch.nn.Module],
     generator: torch.Generator,
-) -> tuple[int, list[dict]]:
-    """Restore everything :func:`save_checkpoint` wrote; returns (step, history)."""
+) -> tuple[int, list[dict], dict]:
+    """Restore everything :func:`save_checkpoint` wrote; returns (step, history, extra)."""
     meta = json.loads((path / "state.json").read_text())
     values = load_file(str(path / "trainable.safetensors"))
     with torch.no_grad():
@@ -110,4 +113,4 @@ def load_checkpoint(
     for name, module in modules.items():
         module.load_state_dict(load_file(str(path / f"module-{name}.safetensors")))
     generator.set_state(load_file(str(path / "rng.safetensors"))["state"])
-    return int(meta["step"]), meta["history"]
+    return int(meta["step"]), meta["history"], meta.get("extra", {})

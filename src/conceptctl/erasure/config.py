@@ -25,6 +25,7 @@ class EraseConfig:
     anchor_selector: str | None = None  # None: the backbone's preferred one, else templates
     anchor_prompts: str | None = None  # file for the prompt-file selector
     params: str = "cross-attn-kv"
+    mixed_precision: str = "no"  # no | fp16 | bf16: autocast of the UNet passes
     steps: int = 2000
     warmup: int = 1000
     batch_size: int = 8

@@ -9,10 +9,12 @@ anchor latent, c_a / c_t the anchor / target prompt, x̂0 the predicted clean la
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from conceptctl.erasure.precision import Precision
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Context:
     frozen_unet: torch.nn.Module
     params: dict[str, torch.nn.Parameter]
     generator: torch.Generator
+    # Gradients go through it (grad / backward) so fp16 loss scaling stays out of the methods.
+    precision: Precision = field(default_factory=lambda: Precision("no", "cpu"))
 
 
 def _noised(ctx: Context, batch: Batch):
@@ -81,27 +85,30 @@ class DoCo:
         # "Fake": the student's clean-latent prediction for the target prompt.
         fake = backbone.predicted_original(x_t, backbone.unet(x_t, t, batch.target_text).sample, t)
 
-        # Discriminator step (the only step during warm-up).
+        # Discriminator step (the only step during warm-up). D is small: it stays fp32.
         self.disc.train()
-        d_loss = self.disc.d_loss(real.float(), fake.detach().float())
-        self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.d_opt.step()
-        accuracy = self.disc.accuracy(real.float(), fake.detach().float())
+        with ctx.precision.full_precision():
+            d_loss = self.disc.d_loss(real.float(), fake.detach().float())
+            self.d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.d_opt.step()
+            accuracy = self.disc.accuracy(real.float(), fake.detach().float())
         if step <= self.warmup:
             return StepStats(loss=float("nan"), d_loss=d_loss.item(), d_accuracy=accuracy,
                              generator_step=False)
 
         # Unlearning gradient g_u: make the target's x̂0 look like the anchor's to D.
         params = list(ctx.params.values())
-        adv = self.disc.g_loss(fake.float())
-        g_u = torch.autograd.grad(adv, params)
+        with ctx.precision.full_precision():
+            adv = self.disc.g_loss(fake.float())
+        g_u = ctx.precision.grad(adv, params)
         # Preserving gradient g_p: keep denoising anchor images under their own captions.
         prior = _preserving_loss(ctx, batch, x_t, noise, t)
-        g_p = torch.autograd.grad(prior, params)
+        g_p = ctx.precision.grad(prior, params)
         fired = 0
         for p, u, q in zip(params, g_u, g_p, strict=True):
-            p.grad, changed = self.surgery(u, q)
+            g, changed = self.surgery(u, q)
+            p.grad = g.to(p.dtype)
             fired += changed
         return StepStats(loss=adv.item(), preserve_loss=prior.item(), d_loss=d_loss.item(),
                          d_accuracy=accuracy, surgery_fired=fired / len(params))
@@ -122,7 +129,7 @@ class AblatingConcepts:
         loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
                           goal.float())
         prior = _preserving_loss(ctx, batch, x_t, noise, t)
-        (loss + self.prior_weight * prior).backward()
+        ctx.precision.backward(loss + self.prior_weight * prior)
         return StepStats(loss=loss.item(), preserve_loss=prior.item())
 
 
@@ -143,5 +150,5 @@ class EsdX:
             goal = uncond - self.eta * (cond - uncond)
         loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
                           goal.float())
-        loss.backward()
+        ctx.precision.backward(loss)
         return StepStats(loss=loss.item())

@@ -26,6 +26,8 @@ from conceptctl.erasure.checkpoints import list_checkpoints, load_checkpoint, sa
 from conceptctl.erasure.config import EraseConfig
 from conceptctl.erasure.methods import Context, StepStats
 from conceptctl.erasure.params import PARAM_GROUPS, select_parameters
+from conceptctl.erasure.precision import MODES as PRECISION_MODES
+from conceptctl.erasure.precision import Precision
 from conceptctl.erasure.trainer import LoopState, TrainingData, run_loop
 from conceptctl.errors import OutputExistsError, UsageError
 from conceptctl.registry import get_registry
@@ -75,6 +77,9 @@ def check_config(cfg: EraseConfig) -> None:
     for name in ("lr", "d_lr"):
         if not getattr(cfg, name) > 0:
             raise UsageError(f"{name.replace('_', '-')} must be positive")
+    if cfg.mixed_precision not in PRECISION_MODES:
+        raise UsageError(f"unknown mixed precision {cfg.mixed_precision!r}; use "
+                         f"{', '.join(PRECISION_MODES)}")
     if cfg.params not in PARAM_GROUPS:
         raise UsageError(f"unknown parameter group {cfg.params!r}; available: "
                          f"{', '.join(PARAM_GROUPS)}")
@@ -173,8 +178,9 @@ def erase(
         p.requires_grad_(True)
     base = base_digest(unet, params)
     state = LoopState(generator=torch.Generator().manual_seed(cfg.seed))
+    precision = Precision(cfg.mixed_precision, backbone.device.type)
     context = Context(backbone=backbone, frozen_unet=frozen, params=params,
-                      generator=state.generator)
+                      generator=state.generator, precision=precision)
     # Components initialise their weights from torch's global generator: seed it for them
     # (without disturbing the caller's) so that two runs with one seed start identically.
     with torch.random.fork_rng(devices=[]):
@@ -189,9 +195,11 @@ def erase(
         if resume != "latest":
             found = [p for p in found if p.name == resume]
         if found:
-            state.step, state.history = load_checkpoint(
+            state.step, state.history, extra = load_checkpoint(
                 found[-1], trainable=params, optimizers=optimizers, modules=modules,
                 generator=state.generator)
+            if "precision" in extra:
+                precision.load_state_dict(extra["precision"])
             report.message(f"resumed from {found[-1].name}")
         elif resume != "latest":
             raise UsageError(f"no checkpoint {resume!r} in {out_dir}")
@@ -202,7 +210,8 @@ def erase(
     def checkpoint(step: int) -> None:
         save_checkpoint(out_dir, step, trainable=params, optimizers=optimizers, modules=modules,
                         generator=state.generator, history=state.history,
-                        keep=cfg.checkpoints_total_limit)
+                        keep=cfg.checkpoints_total_limit,
+                        extra={"precision": precision.state_dict()})
 
     t0 = time.time()
     unet.train()
@@ -210,7 +219,8 @@ def erase(
              batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm,
              device=backbone.device, dtype=backbone.dtype,
              on_step=lambda step, stats: report.step(step, cfg.steps, stats),
-             checkpoint=checkpoint, checkpoint_every=cfg.checkpointing_steps)
+             checkpoint=checkpoint, checkpoint_every=cfg.checkpointing_steps,
+             precision=precision)
     unet.eval()
     train_seconds = time.time() - t0
 
@@ -219,6 +229,7 @@ def erase(
     peak = _peak_memory_mb(backbone.device)
     manifest = _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
                          selector, seconds, peak, state.history, library_versions())
+    manifest["training"]["precision"] = precision.state_dict()
     write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
                    _model_card(manifest))
     return EraseResult(out_dir, state.step, seconds, peak, cached, notes)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from conceptctl.erasure.methods import Batch, StepStats
+from conceptctl.erasure.precision import Precision
 from conceptctl.errors import ConceptctlError
 
 
@@ -66,15 +67,20 @@ def run_loop(
     on_step: Callable[[int, StepStats], None] | None = None,
     checkpoint: Callable[[int], None] | None = None,
     checkpoint_every: int = 0,
+    precision: Precision | None = None,
 ) -> LoopState:
     """Train from ``state.step`` to ``steps``; ``state`` carries the RNG so a resumed run draws
     exactly the batches an uninterrupted one would."""
     trainable = list(params.values())
+    precision = precision or Precision("no", torch.device(device).type)
     while state.step < steps:
         step = state.step + 1
         batch = data.batch(batch_size, state.generator, device, dtype)
         optimizer.zero_grad(set_to_none=True)
-        stats = method.training_step(batch, step)
+        with precision.autocast():
+            stats = method.training_step(batch, step)
+        # fp16: unscale gradients; a step with overflowing ones is skipped (the scale shrinks).
+        usable = precision.finish(trainable)
         for name in ("loss", "preserve_loss", "d_loss"):
             value = getattr(stats, name)
             if value is not None and not math.isfinite(value) and stats.generator_step:
@@ -84,7 +90,7 @@ def run_loop(
                     hint="lower --lr or --d-lr; the last good checkpoint is kept, so "
                     "'--resume latest' continues from it",
                 )
-        if stats.generator_step:
+        if stats.generator_step and usable:
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             optimizer.step()
         state.step = step
