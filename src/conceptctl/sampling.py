@@ -90,9 +90,10 @@ def _denoise_batches(
     settings: SampleSettings,
     output_type: str,
     on_step: Callable[[int], None] | None,
+    rows: slice | None = None,
 ) -> Iterator[tuple[list[tuple[int, str, int, int]], Any]]:
     """Run the pipeline batch by batch; yield (jobs, outputs) with jobs = (prompt index, prompt,
-    image index, seed)."""
+    image index, seed). ``rows`` keeps only that part of the job list (one process's share)."""
     settings.check()
     settings = settings.for_backbone(backbone)
     size = settings.resolution
@@ -101,6 +102,8 @@ def _denoise_batches(
         for p, prompt in enumerate(settings.prompts)
         for k in range(settings.images_per_prompt)
     ]
+    if rows is not None:
+        jobs = jobs[rows]
     for start in range(0, len(jobs), settings.batch_size):
         batch = jobs[start : start + settings.batch_size]
 
@@ -139,13 +142,15 @@ def sample_latents(
     backbone: Backbone,
     settings: SampleSettings,
     on_step: Callable[[int], None] | None = None,
+    rows: slice | None = None,
 ):
     """The final (scaled) latents instead of pictures, shape (prompts x images, C, h, w), in the
-    same order and with the same seeds as :func:`sample_images` — the VAE is never run."""
+    same order and with the same seeds as :func:`sample_images` — the VAE is never run.
+    ``rows``: only those images of that order (a process's share in a data-parallel run)."""
     import torch
 
     return torch.cat([latents for _, latents in
-                      _denoise_batches(backbone, settings, "latent", on_step)])
+                      _denoise_batches(backbone, settings, "latent", on_step, rows)])
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -64,6 +64,15 @@ def erase(
     mixed_precision: Annotated[str, typer.Option(
         help="Autocast the UNet passes: no, fp16 (with loss scaling) or bf16; weights stay "
         "fp32.")] = "no",
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="Recompute UNet activations in the backward pass: less "
+        "memory, more time; same result.")] = False,
+    compile_unet: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the UNets (the first steps pay the compilation).")
+    ] = False,
+    tf32: Annotated[bool, typer.Option(
+        "--tf32/--no-tf32", help="CUDA: TF32 tensor cores for fp32 matmuls and convolutions.")
+    ] = True,
     overwrite: options.Overwrite = False,
     device: options.Device = None,
     dtype: options.Dtype = None,
@@ -87,7 +96,8 @@ def erase(
     cfg = base.with_overrides(**preset(spec.family, kind)).with_overrides(
         method=method, discriminator=discriminator, surgery=surgery, anchor_selector=selector,
         anchor_prompts=str(anchor_prompts) if anchor_prompts else None, params=params,
-        mixed_precision=mixed_precision,
+        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+        compile=compile_unet, tf32=tf32,
         steps=steps, warmup=warmup, batch_size=batch_size, lr=lr, d_lr=d_lr,
         surgery_strength=surgery_strength, anchor_images_per_prompt=anchor_images,
         checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,
@@ -100,15 +110,20 @@ def erase(
     if resume is None:
         check_output_free(out, overwrite)
     result = _run(cfg, out, resume, overwrite, device, dtype)
+    if not result.main_process:
+        return  # a data-parallel run reports once, from its main process
     summary = {"output": str(result.out_dir), "steps": result.steps, "seconds": result.seconds,
                "peak_memory_mb": round(result.peak_memory_mb, 1),
-               "anchors_cached": result.anchors_cached, "warnings": result.warnings}
+               "anchors_cached": result.anchors_cached, "processes": result.processes,
+               "warnings": result.warnings}
     if json_output:
         console.out.print_json(data=summary)
         return
+    processes = f" on {result.processes} processes" if result.processes > 1 else ""
     console.out.print(
         f"erased {cfg.concept!r} -> {cfg.anchor!r} ({cfg.method}, {result.steps} steps) in "
-        f"{result.seconds['total']:.0f} s, peak memory {result.peak_memory_mb:.0f} MB\n"
+        f"{result.seconds['total']:.0f} s{processes}, peak memory "
+        f"{result.peak_memory_mb:.0f} MB\n"
         f"artifact: {result.out_dir}\n"
         f"try: conceptctl sample \"{cfg.concept}\" --model {result.out_dir} --compare")
 

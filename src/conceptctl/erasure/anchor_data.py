@@ -43,16 +43,45 @@ def anchor_latents(
     cache_dir: Path,
     digest: str | None = None,
     on_step: Callable[[int], None] | None = None,
+    dist=None,
 ) -> tuple[torch.Tensor, bool, Path]:
     """Latents for every (prompt, image) of ``settings``; (latents, came_from_cache, file).
 
     ``settings`` must be fully resolved (``for_backbone``) so that defaults are part of the key.
+    With several processes (``dist``), the main process's cache decides: a cached set is sent to
+    the others, a new one is drawn by all of them, each its contiguous share of the images, and
+    gathered; only the main process writes the cache.
     """
-    key = cache_key(digest or backbone_digest(backbone), settings)
-    path = cache_dir / "anchors" / f"{key}.safetensors"
-    if path.is_file():
-        return load_file(path)["latents"], True, path
-    latents = sample_latents(backbone, settings, on_step=on_step).float().cpu().contiguous()
+    from conceptctl.erasure.distributed import SingleProcess
+
+    dist = dist or SingleProcess()
+    path = None
+    if dist.is_main:
+        key = cache_key(digest or backbone_digest(backbone), settings)
+        path = cache_dir / "anchors" / f"{key}.safetensors"
+    path = dist.broadcast_object(path)
+    cached = dist.broadcast_object(dist.is_main and path.is_file())
+    if cached:
+        latents = load_file(path)["latents"] if dist.is_main else None
+        if dist.world > 1:
+            shape = dist.broadcast_object(None if latents is None else tuple(latents.shape))
+            latents = latents if latents is not None else torch.empty(shape)
+            dist.broadcast_([latents])
+        return latents, True, path
+    total = len(settings.prompts) * settings.images_per_prompt
+    rows = dist.shard(total)
+    if rows.stop > rows.start:
+        mine = sample_latents(backbone, settings, on_step=on_step, rows=rows)
+    else:  # more processes than images
+        side = settings.resolution // backbone.vae_scale_factor
+        mine = torch.empty((0, backbone.latent_channels, side, side))
+    latents = dist.gather(mine.float(), dist.shares(total)).cpu().contiguous()
+    if dist.is_main:
+        _write(path, latents, settings)
+    return latents, False, path
+
+
+def _write(path: Path, latents: torch.Tensor, settings: SampleSettings) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".anchors-", suffix=".safetensors")
     os.close(fd)
@@ -62,4 +91,3 @@ def anchor_latents(
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return latents, False, path

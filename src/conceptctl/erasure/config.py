@@ -26,6 +26,11 @@ class EraseConfig:
     anchor_prompts: str | None = None  # file for the prompt-file selector
     params: str = "cross-attn-kv"
     mixed_precision: str = "no"  # no | fp16 | bf16: autocast of the UNet passes
+    # Speed and memory switches that leave the result unchanged (gradient checkpointing: the
+    # same numbers; compile and TF32: within float tolerance). See docs/performance.md.
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
+    compile: bool = False  # torch.compile the UNets (first steps pay the compilation)
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions
     steps: int = 2000
     warmup: int = 1000
     batch_size: int = 8

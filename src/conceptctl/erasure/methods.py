@@ -2,18 +2,24 @@
 anchor data, the trainer loop and the artifact, so they compare on equal footing.
 
 Every method gets the same :class:`Batch` (anchor latents with their anchor- and target-prompt
-embeddings) and leaves gradients in the trainable parameters' ``.grad``; the trainer clips and
-steps the optimiser. Symbols: ε_θ the student UNet, ε* the frozen original, x_t the noised
-anchor latent, c_a / c_t the anchor / target prompt, x̂0 the predicted clean latent.
+embeddings, the timesteps and noise drawn for them) and leaves gradients in the trainable
+parameters' ``.grad``; the trainer clips and steps the optimiser. In a data-parallel run the
+batch is this process's share and the trainer sums the share-weighted gradients over processes,
+unless the method combines them itself (``reduces_gradients = True``, as DoCo must: see
+conceptctl.erasure.distributed). Symbols: ε_θ the student UNet, ε* the frozen original, x_t
+the noised anchor latent, c_a / c_t the anchor / target prompt, x̂0 the predicted clean latent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from conceptctl.erasure.distributed import SingleProcess
 from conceptctl.erasure.precision import Precision
 
 
@@ -23,6 +29,12 @@ class Batch:
     anchor_text: torch.Tensor  # c_a, embeddings of each image's anchor prompt
     target_text: torch.Tensor  # c_t, the paired target prompt
     empty_text: torch.Tensor  # ∅, the empty prompt (ESD's unconditional branch)
+    timesteps: torch.Tensor | None = None  # t for each image (None: the method draws them)
+    noise: torch.Tensor | None = None  # ε for each image
+    # Data-parallel: rows of the global batch each process holds (None: one process), and this
+    # process's share of the global batch (weights its mean losses).
+    sizes: tuple[int, ...] | None = None
+    share: float = 1.0
 
 
 @dataclass
@@ -45,15 +57,29 @@ class Context:
     generator: torch.Generator
     # Gradients go through it (grad / backward) so fp16 loss scaling stays out of the methods.
     precision: Precision = field(default_factory=lambda: Precision("no", "cpu"))
+    # ``timer("name")`` wraps each part of a step; benchmarks pass one that records wall time
+    # (bench/doco_step.py), training leaves the no-op.
+    timer: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
+    # The process group of a data-parallel run (conceptctl.erasure.distributed).
+    dist: SingleProcess = field(default_factory=SingleProcess)
+
+
+def draw_noise(generator: torch.Generator, size: int, shape, num_timesteps: int):
+    """t ~ U{0..T-1} and ε ~ N(0, I) for ``size`` images, in that order from ``generator``
+    (on the CPU, so every device and process draws the same numbers)."""
+    t = torch.randint(0, num_timesteps, (size,), generator=generator)
+    return t, torch.randn((size, *shape), generator=generator)
 
 
 def _noised(ctx: Context, batch: Batch):
-    """Shared first step: t ~ U{0..T-1}, ε ~ N(0, I), x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε."""
-    b = batch.latents.shape[0]
+    """Shared first step: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, with the batch's t and ε."""
     latents = batch.latents
-    t = torch.randint(0, ctx.backbone.num_train_timesteps, (b,), generator=ctx.generator)
-    noise = torch.randn(latents.shape, generator=ctx.generator).to(latents)
-    t = t.to(latents.device)
+    if batch.timesteps is None:
+        t, noise = draw_noise(ctx.generator, latents.shape[0], latents.shape[1:],
+                              ctx.backbone.num_train_timesteps)
+    else:
+        t, noise = batch.timesteps, batch.noise
+    noise, t = noise.to(latents), t.to(latents.device)
     return ctx.backbone.scheduler.add_noise(latents, noise, t), noise, t
 
 
@@ -67,6 +93,9 @@ def _preserving_loss(ctx: Context, batch: Batch, x_t, noise, t) -> torch.Tensor:
 class DoCo:
     """``doco``: adversarial concept-domain correction + concept-preserving gradient surgery."""
 
+    # g_u and g_p must be summed over processes separately, before surgery.
+    reduces_gradients = True
+
     def __init__(self, ctx: Context, discriminator, d_optimizer, surgery, warmup: int) -> None:
         self.ctx, self.disc, self.d_opt, self.surgery = ctx, discriminator, d_optimizer, surgery
         self.warmup = warmup
@@ -75,43 +104,72 @@ class DoCo:
         self.state_optimizers = {"discriminator": d_optimizer}
 
     def training_step(self, batch: Batch, step: int) -> StepStats:
-        ctx = self.ctx
+        ctx, timer, dist = self.ctx, self.ctx.timer, self.ctx.dist
         x_t, noise, t = _noised(ctx, batch)
         backbone = ctx.backbone
         # "Real": what the original model predicts for the anchor prompt, as a clean latent.
-        with torch.no_grad():
+        with timer("frozen forward"), torch.no_grad():
             frozen = ctx.frozen_unet(x_t, t, batch.anchor_text).sample
             real = backbone.predicted_original(x_t, frozen, t)
-        # "Fake": the student's clean-latent prediction for the target prompt.
-        fake = backbone.predicted_original(x_t, backbone.unet(x_t, t, batch.target_text).sample, t)
+        # "Fake": the student's clean-latent prediction for the target prompt. During warm-up
+        # only D learns from it, so no graph is kept (same numbers, less memory and time).
+        warming_up = step <= self.warmup
+        with timer("student forward, adversarial"), \
+                torch.no_grad() if warming_up else nullcontext():
+            fake = backbone.predicted_original(
+                x_t, backbone.unet(x_t, t, batch.target_text).sample, t)
 
-        # Discriminator step (the only step during warm-up). D is small: it stays fp32.
-        self.disc.train()
-        with ctx.precision.full_precision():
-            d_loss = self.disc.d_loss(real.float(), fake.detach().float())
-            self.d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.d_opt.step()
-            accuracy = self.disc.accuracy(real.float(), fake.detach().float())
-        if step <= self.warmup:
+        # Discriminator step (the only step during warm-up). D is small: it stays fp32, and in a
+        # data-parallel run every process trains it on the whole gathered batch, so all copies
+        # stay identical with no gradient exchange.
+        with timer("discriminator"):
+            real_all = dist.gather(real.float(), batch.sizes)
+            fake_all = dist.gather(fake.detach().float(), batch.sizes)
+            self.disc.train()
+            with ctx.precision.full_precision():
+                d_loss = self.disc.d_loss(real_all, fake_all)
+                self.d_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                self.d_opt.step()
+                accuracy = self.disc.accuracy(real_all, fake_all)
+        if warming_up:
             return StepStats(loss=float("nan"), d_loss=d_loss.item(), d_accuracy=accuracy,
                              generator_step=False)
 
-        # Unlearning gradient g_u: make the target's x̂0 look like the anchor's to D.
+        # Unlearning gradient g_u: make the target's x̂0 look like the anchor's to D. With
+        # several processes the loss is the whole batch's, and gradients flow through this
+        # process's rows only: summed over processes, that is the whole batch's gradient.
         params = list(ctx.params.values())
-        with ctx.precision.full_precision():
-            adv = self.disc.g_loss(fake.float())
-        g_u = ctx.precision.grad(adv, params)
+        with timer("student backward, adversarial"):
+            with ctx.precision.full_precision():
+                adv = self.disc.g_loss(_with_own_rows(fake_all, fake.float(), batch, dist))
+            g_u = ctx.precision.grad(adv, params)
+            dist.sum_(g_u)
         # Preserving gradient g_p: keep denoising anchor images under their own captions.
-        prior = _preserving_loss(ctx, batch, x_t, noise, t)
-        g_p = ctx.precision.grad(prior, params)
-        fired = 0
-        for p, u, q in zip(params, g_u, g_p, strict=True):
-            g, changed = self.surgery(u, q)
-            p.grad = g.to(p.dtype)
-            fired += changed
+        with timer("student forward, preserving"):
+            prior = _preserving_loss(ctx, batch, x_t, noise, t)
+            if dist.world > 1:
+                prior = prior * batch.share  # summed over processes: the whole batch's mean
+        with timer("student backward, preserving"):
+            g_p = ctx.precision.grad(prior, params)
+            prior = prior.detach().reshape(1)
+            dist.sum_([*g_p, prior])
+        with timer("surgery"):
+            fired = 0
+            for p, u, q in zip(params, g_u, g_p, strict=True):
+                g, changed = self.surgery(u, q)
+                p.grad = g.to(p.dtype)
+                fired += changed
         return StepStats(loss=adv.item(), preserve_loss=prior.item(), d_loss=d_loss.item(),
                          d_accuracy=accuracy, surgery_fired=fired / len(params))
+
+
+def _with_own_rows(whole: torch.Tensor, own: torch.Tensor, batch: Batch, dist) -> torch.Tensor:
+    """The gathered batch with this process's rows replaced by ``own`` (which carries grads)."""
+    if dist.world == 1:
+        return own
+    rows = dist.shard(sum(batch.sizes))
+    return torch.cat([whole[: rows.start], own, whole[rows.stop:]])
 
 
 class AblatingConcepts:

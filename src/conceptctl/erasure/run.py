@@ -50,6 +50,8 @@ class EraseResult:
     peak_memory_mb: float
     anchors_cached: bool
     warnings: list[str] = field(default_factory=list)
+    processes: int = 1  # data-parallel processes that trained it
+    main_process: bool = True  # False in the other processes of a data-parallel run
 
 
 def check_config(cfg: EraseConfig) -> None:
@@ -108,6 +110,78 @@ def _peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+@dataclass
+class Training:
+    """Everything a run trains with, built by :func:`prepare_training` (also for benchmarks)."""
+
+    params: dict[str, torch.nn.Parameter]
+    frozen: torch.nn.Module
+    method: object
+    optimizer: torch.optim.Optimizer
+    optimizers: dict[str, torch.optim.Optimizer]
+    modules: dict[str, torch.nn.Module]
+    precision: Precision
+    state: LoopState
+    context: Context
+
+
+def frozen_copy(unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter]) -> torch.nn.Module:
+    """The frozen original for the methods' targets. It shares every tensor that does not train
+    with the student (they never change), so only the trained ones are copied: with the default
+    cross-attention k/v that saves a whole UNet of memory (3.4 GB for SD 1.x in fp32)."""
+    trained_ids = {id(p) for p in trained.values()}
+    memo = {id(t): t for t in (*unet.parameters(), *unet.buffers()) if id(t) not in trained_ids}
+    frozen = copy.deepcopy(unet, memo)
+    for p in frozen.parameters():
+        if id(p) not in memo:
+            p.requires_grad_(False)
+    return frozen.eval()
+
+
+def apply_speed_settings(cfg: EraseConfig, device: torch.device) -> None:
+    """Process-wide switches for the matrix units (CUDA only)."""
+    if device.type == "cuda":
+        # TF32 tensor cores for fp32 matmuls; cuDNN convolutions already use TF32 by default.
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        # Same shapes every step: let cuDNN pick its fastest convolution algorithms.
+        torch.backends.cudnn.benchmark = True
+
+
+def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None) -> Training:
+    """Select the trained tensors, make the frozen copy, build the method and optimisers."""
+    from conceptctl.erasure.distributed import SingleProcess
+
+    unet = backbone.unet
+    unet.requires_grad_(False)
+    params = select_parameters(unet, cfg.params)
+    frozen = frozen_copy(unet, params)
+    for p in params.values():
+        p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        # Student only: the frozen copy never keeps activations (no-grad forwards).
+        unet.enable_gradient_checkpointing()
+    if cfg.compile:
+        unet.compile()
+        frozen.compile()
+    state = LoopState(generator=torch.Generator().manual_seed(cfg.seed))
+    precision = Precision(cfg.mixed_precision, backbone.device.type)
+    extra = {"timer": timer} if timer is not None else {}
+    context = Context(backbone=backbone, frozen_unet=frozen, params=params,
+                      generator=state.generator, precision=precision,
+                      dist=dist or SingleProcess(), **extra)
+    # Components initialise their weights from torch's global generator: seed it for them
+    # (without disturbing the caller's) so that two runs with one seed start identically.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        method = get_registry("method").get(cfg.method).build(context=context, config=cfg)
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizers = {"generator": optimizer, **getattr(method, "state_optimizers", {})}
+    modules = dict(getattr(method, "state_modules", {}))
+    return Training(params, frozen, method, optimizer, optimizers, modules, precision, state,
+                    context)
+
+
 def erase(
     cfg: EraseConfig,
     out_dir: Path,
@@ -118,19 +192,31 @@ def erase(
     dtype: str | None = None,
     reporter: Reporter | None = None,
 ) -> EraseResult:
-    """Run one erasure and write its artifact to ``out_dir``."""
+    """Run one erasure and write its artifact to ``out_dir``.
+
+    Started by ``accelerate launch`` with several processes, it trains data-parallel
+    (conceptctl.erasure.distributed); only the main process writes to ``out_dir``.
+    """
     from conceptctl.backbones.loading import open_backbone
+    from conceptctl.erasure import distributed
     from conceptctl.erasure.anchor_data import anchor_latents
     from conceptctl.sampling import SampleSettings, library_versions
-    from conceptctl.settings import load_settings
+    from conceptctl.settings import load_settings, resolve_device
 
-    report = reporter or Reporter()
     started = time.time()
     check_config(cfg)
+    settings = load_settings()
+    dist, device = distributed.setup(resolve_device(device or settings.device))
+    report = (reporter or Reporter()) if dist.is_main else Reporter()
     out_dir = Path(out_dir)
-    _prepare_output(out_dir, resume, overwrite)
+    if dist.is_main:
+        _prepare_output(out_dir, resume, overwrite)
 
+    # Trained tensors and optimiser states stay fp32: 'auto' (fp16 on GPUs, right for
+    # sampling) would make AdamW lose most updates. --mixed-precision brings the speed instead.
+    dtype = dtype or (settings.dtype if settings.dtype != "auto" else "float32")
     backbone = open_backbone(cfg.backbone, device=device, dtype=dtype)
+    apply_speed_settings(cfg, backbone.device)
     selector_name = cfg.anchor_selector or backbone.spec.anchor_selector or "templates"
     selector = get_registry("anchor-selector").entry(selector_name)
     with warnings.catch_warnings(record=True) as caught:
@@ -140,12 +226,15 @@ def erase(
     for note in notes:
         report.message(f"warning: {note}")
 
-    # Anchor images from the ORIGINAL model, reused across runs with the same settings.
+    # Anchor images from the ORIGINAL model, reused across runs with the same settings. Drawn
+    # in batches of 32: measured fastest per image (docs/performance.md), same images as one by
+    # one since each image's noise has its own seed.
     anchor_settings = SampleSettings(
         prompts=anchors.anchor, images_per_prompt=cfg.anchor_images_per_prompt, seed=cfg.seed,
         steps=cfg.anchor_steps, guidance=cfg.anchor_guidance, batch_size=32,
     ).for_backbone(backbone)
-    total = len(anchors.anchor) * cfg.anchor_images_per_prompt * anchor_settings.steps
+    share = dist.shard(len(anchors.anchor) * cfg.anchor_images_per_prompt)
+    total = (share.stop - share.start) * anchor_settings.steps
     done = 0
 
     def advance(n: int) -> None:
@@ -154,8 +243,10 @@ def erase(
         report.anchor_progress(done, total)
 
     t0 = time.time()
-    latents, cached, cache_file = anchor_latents(backbone, anchor_settings,
-                                                 load_settings().cache_dir, on_step=advance)
+    # Mixed precision speeds up drawing the anchors as much as training.
+    with Precision(cfg.mixed_precision, backbone.device.type).autocast():
+        latents, cached, cache_file = anchor_latents(
+            backbone, anchor_settings, settings.cache_dir, on_step=advance, dist=dist)
     anchor_seconds = time.time() - t0
     report.message(("reused" if cached else "generated") +
                    f" {len(latents)} anchor images ({cache_file.name})")
@@ -170,69 +261,97 @@ def erase(
         empty_text=backbone.encode_prompts([""]).cpu(),
     )
 
-    unet = backbone.unet
-    frozen = copy.deepcopy(unet).requires_grad_(False).eval()
-    unet.requires_grad_(False)
-    params = select_parameters(unet, cfg.params)
-    for p in params.values():
-        p.requires_grad_(True)
-    base = base_digest(unet, params)
-    state = LoopState(generator=torch.Generator().manual_seed(cfg.seed))
-    precision = Precision(cfg.mixed_precision, backbone.device.type)
-    context = Context(backbone=backbone, frozen_unet=frozen, params=params,
-                      generator=state.generator, precision=precision)
-    # Components initialise their weights from torch's global generator: seed it for them
-    # (without disturbing the caller's) so that two runs with one seed start identically.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        method = get_registry("method").get(cfg.method).build(context=context, config=cfg)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    optimizers = {"generator": optimizer, **getattr(method, "state_optimizers", {})}
-    modules = dict(getattr(method, "state_modules", {}))
+    base = base_digest(backbone.unet, select_parameters(backbone.unet, cfg.params))
+    training = prepare_training(backbone, cfg, dist=dist)
+    params, state, precision = training.params, training.state, training.precision
 
     if resume is not None:
-        found = list_checkpoints(out_dir)
+        found = list_checkpoints(out_dir) if dist.is_main else []
         if resume != "latest":
             found = [p for p in found if p.name == resume]
+        found = dist.broadcast_object(found)
         if found:
-            state.step, state.history, extra = load_checkpoint(
-                found[-1], trainable=params, optimizers=optimizers, modules=modules,
-                generator=state.generator)
-            if "precision" in extra:
-                precision.load_state_dict(extra["precision"])
+            if dist.is_main:
+                state.step, state.history, extra = load_checkpoint(
+                    found[-1], trainable=params, optimizers=training.optimizers,
+                    modules=training.modules, generator=state.generator)
+                if "precision" in extra:
+                    precision.load_state_dict(extra["precision"])
             report.message(f"resumed from {found[-1].name}")
         elif resume != "latest":
             raise UsageError(f"no checkpoint {resume!r} in {out_dir}")
         else:
             report.message("no checkpoint to resume from; starting at step 0")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Every process starts from the main one's state (a resumed checkpoint is read by it only).
+    _sync_from_main(dist, training)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(out_dir, step, trainable=params, optimizers=optimizers, modules=modules,
-                        generator=state.generator, history=state.history,
-                        keep=cfg.checkpoints_total_limit,
+        save_checkpoint(out_dir, step, trainable=params, optimizers=training.optimizers,
+                        modules=training.modules, generator=state.generator,
+                        history=state.history, keep=cfg.checkpoints_total_limit,
                         extra={"precision": precision.state_dict()})
 
     t0 = time.time()
+    unet = backbone.unet
     unet.train()
-    run_loop(method, optimizer, params, data, state, steps=cfg.steps,
+    run_loop(training.method, training.optimizer, params, data, state, steps=cfg.steps,
              batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm,
              device=backbone.device, dtype=backbone.dtype,
              on_step=lambda step, stats: report.step(step, cfg.steps, stats),
-             checkpoint=checkpoint, checkpoint_every=cfg.checkpointing_steps,
-             precision=precision)
+             checkpoint=checkpoint if dist.is_main else None,
+             checkpoint_every=cfg.checkpointing_steps, precision=precision,
+             num_timesteps=backbone.num_train_timesteps, dist=dist)
     unet.eval()
     train_seconds = time.time() - t0
 
     seconds = {"anchors": round(anchor_seconds, 2), "training": round(train_seconds, 2),
                "total": round(time.time() - started, 2)}
-    peak = _peak_memory_mb(backbone.device)
-    manifest = _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
-                         selector, seconds, peak, state.history, library_versions())
-    manifest["training"]["precision"] = precision.state_dict()
-    write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
-                   _model_card(manifest))
-    return EraseResult(out_dir, state.step, seconds, peak, cached, notes)
+    peak = dist.max(_peak_memory_mb(backbone.device))  # the largest process's
+    if dist.is_main:
+        manifest = _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
+                             selector, seconds, peak, state.history, library_versions())
+        manifest["training"]["precision"] = precision.state_dict()
+        manifest["machine"]["processes"] = dist.world
+        write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
+                       _model_card(manifest))
+    dist.barrier()  # no process ends before the artifact is written
+    return EraseResult(out_dir, state.step, seconds, peak, cached, notes, dist.world,
+                       dist.is_main)
+
+
+def _sync_from_main(dist, training: Training) -> None:
+    """Copy the main process's trained tensors, discriminator, optimiser states, generator and
+    loop state to the others (a no-op for one process)."""
+    if dist.world == 1:
+        return
+    dist.broadcast_(training.params.values())
+    for module in training.modules.values():
+        dist.broadcast_(module.state_dict().values())
+    state = training.state
+    blob = dist.broadcast_object({
+        "step": state.step, "history": state.history,
+        "generator": state.generator.get_state(),
+        "precision": training.precision.state_dict(),
+        "optimizers": {name: _cpu(opt.state_dict()) for name, opt in training.optimizers.items()},
+    } if dist.is_main else None)
+    if not dist.is_main:
+        state.step, state.history = blob["step"], blob["history"]
+        state.generator.set_state(blob["generator"])
+        training.precision.load_state_dict(blob["precision"])
+        for name, opt in training.optimizers.items():
+            opt.load_state_dict(blob["optimizers"][name])
+
+
+def _cpu(value):
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu(v) for v in value)
+    return value
 
 
 def _component_info(kind: str, name: str) -> dict:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from conceptctl.erasure.methods import Batch, StepStats
+from conceptctl.erasure.distributed import SingleProcess
+from conceptctl.erasure.methods import Batch, StepStats, draw_noise
 from conceptctl.erasure.precision import Precision
 from conceptctl.errors import ConceptctlError
 
@@ -34,14 +35,27 @@ class TrainingData:
     target_text: torch.Tensor  # (P, tokens, width)
     empty_text: torch.Tensor  # (1, tokens, width)
 
-    def batch(self, size: int, generator: torch.Generator, device, dtype) -> Batch:
+    def batch(self, size: int, generator: torch.Generator, device, dtype,
+              num_timesteps: int = 1000, dist: SingleProcess | None = None) -> Batch:
+        """A batch of ``size`` images with their timesteps and noise, drawn from ``generator``
+        in a fixed order (indices, t, ε); with several processes, this process's share of it
+        (every process draws the same global batch, so the generators stay in step)."""
+        dist = dist or SingleProcess()
         idx = torch.randint(len(self.latents), (size,), generator=generator)
+        t, noise = draw_noise(generator, size, self.latents.shape[1:], num_timesteps)
+        rows = dist.shard(size)
+        idx, t, noise = idx[rows], t[rows], noise[rows]
         prompts = self.prompt_index[idx]
+        local = len(idx)
         return Batch(
             latents=self.latents[idx].to(device=device, dtype=dtype),
             anchor_text=self.anchor_text[prompts].to(device=device, dtype=dtype),
             target_text=self.target_text[prompts].to(device=device, dtype=dtype),
-            empty_text=self.empty_text.expand(size, -1, -1).to(device=device, dtype=dtype),
+            empty_text=self.empty_text.expand(local, -1, -1).to(device=device, dtype=dtype),
+            timesteps=t.to(device),
+            noise=noise.to(device=device, dtype=dtype),
+            sizes=None if dist.world == 1 else tuple(dist.shares(size)),
+            share=local / size,
         )
 
 
@@ -68,17 +82,23 @@ def run_loop(
     checkpoint: Callable[[int], None] | None = None,
     checkpoint_every: int = 0,
     precision: Precision | None = None,
+    num_timesteps: int = 1000,
+    dist: SingleProcess | None = None,
 ) -> LoopState:
     """Train from ``state.step`` to ``steps``; ``state`` carries the RNG so a resumed run draws
-    exactly the batches an uninterrupted one would."""
+    exactly the batches an uninterrupted one would. With several processes (``dist``) each
+    works on its share of every batch and all take the same optimiser step."""
     trainable = list(params.values())
     precision = precision or Precision("no", torch.device(device).type)
+    dist = dist or SingleProcess()
     while state.step < steps:
         step = state.step + 1
-        batch = data.batch(batch_size, state.generator, device, dtype)
+        batch = data.batch(batch_size, state.generator, device, dtype, num_timesteps, dist)
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             stats = method.training_step(batch, step)
+        if dist.world > 1 and not getattr(method, "reduces_gradients", False):
+            stats = _combine(stats, trainable, batch.share, dist)
         # fp16: unscale gradients; a step with overflowing ones is skipped (the scale shrinks).
         usable = precision.finish(trainable)
         for name in ("loss", "preserve_loss", "d_loss"):
@@ -101,3 +121,26 @@ def run_loop(
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
             checkpoint(step)
     return state
+
+
+_LOSSES = ("loss", "preserve_loss", "d_loss")
+
+
+def _combine(stats: StepStats, trainable: list[torch.Tensor], share: float,
+             dist: SingleProcess) -> StepStats:
+    """Data-parallel, for methods with mean losses over their share: sum the share-weighted
+    gradients (and losses) over processes, in one collective; equal to the whole batch's mean
+    loss gradient. A parameter without a gradient here gets zeros, so all processes agree."""
+    grads = []
+    for p in trainable:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad.mul_(share))
+    values = [getattr(stats, name) for name in _LOSSES]
+    present = [i for i, v in enumerate(values) if v is not None]
+    losses = torch.tensor([values[i] * share for i in present], dtype=torch.float32,
+                          device=grads[0].device if grads else "cpu")
+    dist.sum_([*grads, losses])
+    for i, total in zip(present, losses.tolist(), strict=True):
+        setattr(stats, _LOSSES[i], total)
+    return stats
