@@ -148,6 +148,15 @@ def apply_speed_settings(cfg: EraseConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def _adamw(params: list[torch.nn.Parameter], cfg: EraseConfig) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel where torch has it for these tensors (CPU and CUDA): a
+    quarter of the time of the default multi-tensor version (bench: 19 M values of SD 1.x)."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except RuntimeError:  # e.g. a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None) -> Training:
     """Select the trained tensors, make the frozen copy, build the method and optimisers."""
     from conceptctl.erasure.distributed import SingleProcess
@@ -175,7 +184,7 @@ def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None) -> Tr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         method = get_registry("method").get(cfg.method).build(context=context, config=cfg)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = _adamw(list(params.values()), cfg)
     optimizers = {"generator": optimizer, **getattr(method, "state_optimizers", {})}
     modules = dict(getattr(method, "state_modules", {}))
     return Training(params, frozen, method, optimizer, optimizers, modules, precision, state,
