@@ -19,6 +19,21 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def _key_values(pairs: list[str], option: str) -> dict[str, str]:
+    """``["a=1", "b=x=y"]`` -> ``{"a": "1", "b": "x=y"}``; malformed or repeated keys fail."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{option} {pair!r} is not KEY=VALUE", hint=f"e.g. {option} "
+                             "threshold=0.6")
+        if key in out:
+            raise UsageError(f"{option} {key} is given twice")
+        out[key] = value.strip()
+    return out
+
+
 def evaluate(
     artifacts: Annotated[list[Path], typer.Argument(
         help="Artifact folder(s) written by 'conceptctl erase'.", file_okay=False)],
@@ -35,6 +50,9 @@ def evaluate(
     detector: Annotated[str | None, typer.Option(
         help="Concept detector (default: the backbone's; toy: toy-judge).",
         show_default=False)] = None,
+    detector_option: Annotated[list[str] | None, typer.Option(
+        "--detector-option", help="KEY=VALUE for the detector, repeatable (e.g. threshold=0.6 "
+        "for nudenet).", show_default=False)] = None,
     metrics: Annotated[str | None, typer.Option(
         help="Comma-separated metric names (default: all registered).",
         show_default=False)] = None,
@@ -76,7 +94,9 @@ def evaluate(
         raise UsageError("several artifacts need --compare",
                          hint="conceptctl evaluate A B C --compare")
     opts = EvalOptions(
-        prompts=prompts, suite=suite, detector=detector, metrics=_names(metrics),
+        prompts=prompts, suite=suite, detector=detector,
+        detector_options=_key_values(detector_option or [], "--detector-option"),
+        metrics=_names(metrics),
         attacks=_names(attacks) or (), attack_cases=attack_cases,
         images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance,
         batch_size=batch_size, backbone=backbone, force=force, device=device, dtype=dtype)
@@ -173,12 +193,13 @@ def _table(result: dict):
     for column in ("metric", "group", "value", "better", "pictures", "note"):
         table.add_column(column)
     for m in result["metrics"]:
-        table.add_row(m["metric"], m["group"], _fmt(m["value"], m["metric"]), m["direction"],
+        table.add_row(m["metric"], m["group"], _fmt(m["value"], m.get("unit", "share")),
+                      m["direction"],
                       str(m["images"]), m["note"])
     for a in result["attacks"]:
         table.add_row(f"attack {a['attack']}", f"{a['cases']} target prompts",
-                      _fmt(a["success_rate"], ""), "lower", "",
-                      f"no attack: {_fmt(a['no_attack_rate'], '')}")
+                      _fmt(a["success_rate"]), "lower", "",
+                      f"no attack: {_fmt(a['no_attack_rate'])}")
     return table
 
 
@@ -196,7 +217,7 @@ def _compare_table(results: list[dict]):
     return table
 
 
-def _fmt(value, metric: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if metric in ("fd", "kid") else f"{value:.1%}"
+def _fmt(value, unit: str = "share") -> str:
+    from conceptctl.evaluation.metrics import format_value
+
+    return format_value(value, unit)

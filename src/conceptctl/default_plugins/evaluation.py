@@ -17,8 +17,10 @@ def _template_suite(manifest, images_per_prompt, seed):
 
 
 def _toy_judge(options):
+    from conceptctl.evaluation.detectors import detector_options
     from conceptctl.toy.detector import ToyJudgeDetector
 
+    detector_options(options, (), "toy-judge")  # it has none: a --detector-option is a mistake
     return ToyJudgeDetector()
 
 

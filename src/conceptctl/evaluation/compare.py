@@ -5,13 +5,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from conceptctl.evaluation.metrics import format_value
 from conceptctl.fileio import write_json
-
-
-def _fmt(value, metric: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if metric in ("fd", "kid") else f"{value:.1%}"
 
 
 def compare_rows(results: list[dict], names: list[str] | None = None):
@@ -28,7 +23,8 @@ def compare_rows(results: list[dict], names: list[str] | None = None):
         cells = []
         for r in results:
             found = [m for m in r["metrics"] if (m["metric"], m["group"]) == (metric, group)]
-            cells.append(_fmt(found[0]["value"], metric) if found else "-")
+            cells.append(format_value(found[0]["value"], found[0].get("unit", "share"))
+                         if found else "-")
         rows.append([metric, group, direction, *cells])
     attacks = list(dict.fromkeys(a["attack"] for r in results for a in r["attacks"]))
     for attack in attacks:
@@ -37,7 +33,7 @@ def compare_rows(results: list[dict], names: list[str] | None = None):
             cells = []
             for r in results:
                 found = [a for a in r["attacks"] if a["attack"] == attack]
-                cells.append(_fmt(found[0][field], "") if found else "-")
+                cells.append(format_value(found[0][field]) if found else "-")
             rows.append([label, "target", "lower", *cells])
     rows.append(["verdict", "", "", *[r["verdict"]["status"] for r in results]])
     return ["metric", "group", "better", *names], rows

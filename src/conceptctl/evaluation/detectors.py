@@ -14,6 +14,23 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from conceptctl.errors import UsageError
+
+DETECTOR_CONTEXT = "context"
+
+
+def detector_options(options: dict | None, known: tuple[str, ...],
+                     detector: str) -> tuple[dict[str, str], dict]:
+    """(the user's options, the context); an option not in ``known`` is a UsageError."""
+    given = dict(options or {})
+    context = given.pop(DETECTOR_CONTEXT, None) or {}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        accepted = ", ".join(known) if known else "none"
+        raise UsageError(f"detector {detector} has no option {', '.join(map(repr, unknown))}",
+                         hint=f"options it accepts: {accepted}")
+    return given, context
+
 
 @runtime_checkable
 class Detector(Protocol):

@@ -29,11 +29,21 @@ class Score:
     images: int = 0
     details: dict = field(default_factory=dict)
     note: str = ""
+    # How the value (and the floats in details) read: "share" is a fraction of 1, shown as a
+    # percentage; "number" is anything else (a distance, a count, a CLIP score), shown as is.
+    unit: str = "share"
 
     def as_dict(self) -> dict:
         return {"metric": self.metric, "group": self.group, "value": self.value,
                 "direction": self.direction, "images": self.images, "details": self.details,
-                "note": self.note}
+                "note": self.note, "unit": self.unit}
+
+
+def format_value(value, unit: str = "share", missing: str = "-") -> str:
+    """One way to print a metric's value everywhere (terminal, report page, comparison)."""
+    if value is None:
+        return missing
+    return f"{value:.1%}" if unit == "share" else f"{value:.4g}"
 
 
 def _skip(metric: str, group: str, direction: str, note: str) -> Score:
@@ -191,7 +201,8 @@ class FrechetDistance(_Distribution):
     def _score(self, value, n, dim):
         return Score(self.name, "general", float(value), "lower", n, {
             "feature_dim": dim, "pictures_per_side": n},
-            note="biased upwards at small counts: compare runs with the same suite")
+            note="biased upwards at small counts: compare runs with the same suite",
+            unit="number")
 
 
 class KernelDistance(_Distribution):
@@ -207,4 +218,5 @@ class KernelDistance(_Distribution):
     def _score(self, value, n, dim):
         mean, std = value
         return Score(self.name, "general", float(mean), "lower", n, {
-            "std": float(std), "subsets": 20, "subset_size": self._subset, "feature_dim": dim})
+            "std": float(std), "subsets": 20, "subset_size": self._subset, "feature_dim": dim},
+            unit="number")

@@ -114,12 +114,10 @@ def _chart(metrics: list[dict]) -> str:
     return "".join(parts)
 
 
-def _fmt(value, metric: str) -> str:
-    if value is None:
-        return "–"
-    if metric in ("fd", "kid"):
-        return f"{value:.4g}"
-    return f"{value:.1%}"
+def _fmt(value, unit: str = "share") -> str:
+    from conceptctl.evaluation.metrics import format_value
+
+    return format_value(value, unit, missing="–")
 
 
 def render_html(result: dict, run, attempts_per_attack) -> str:
@@ -140,17 +138,18 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
            "<table><tr><th>metric</th><th>group</th><th>value</th><th>better</th>"
            "<th>pictures</th><th>details</th></tr>"]
     for m in result["metrics"]:
-        details = ", ".join(f"{k} {_fmt(v, m['metric']) if isinstance(v, float) else v}"
+        unit = m.get("unit", "share")
+        details = ", ".join(f"{k} {_fmt(v, unit) if isinstance(v, float) else v}"
                             for k, v in m["details"].items()) or html.escape(m["note"])
         out.append(f"<tr><td>{m['metric']}</td><td>{html.escape(m['group'])}</td>"
-                   f"<td>{_fmt(m['value'], m['metric'])}</td><td>{m['direction']}</td>"
+                   f"<td>{_fmt(m['value'], unit)}</td><td>{m['direction']}</td>"
                    f"<td>{m['images']}</td><td>{html.escape(details)}</td></tr>")
     out.append("</table><h2>Robustness</h2><table><tr><th>attack</th><th>target prompts</th>"
                "<th>concept back (attack)</th><th>concept shown (no attack)</th></tr>")
     for a in result["attacks"]:
         out.append(f"<tr><td>{a['attack']}</td><td>{a['cases']}</td>"
-                   f"<td>{_fmt(a['success_rate'], '')}</td>"
-                   f"<td>{_fmt(a['no_attack_rate'], '')}</td></tr>")
+                   f"<td>{_fmt(a['success_rate'])}</td>"
+                   f"<td>{_fmt(a['no_attack_rate'])}</td></tr>")
     out.append("</table><h2>Pictures: original (left) and erased (right), same seeds</h2>")
     for group in run.suite.groups():
         made = _group_grid(run, group)

@@ -18,6 +18,7 @@ import torch
 
 from conceptctl.errors import UsageError
 from conceptctl.evaluation.cases import Case, Suite, read_prompt_csv
+from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
 from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases
 from conceptctl.registry import get_registry
 
@@ -30,6 +31,8 @@ class EvalOptions:
     prompts: Path | None = None  # a CSV; None: the backbone's built-in suite
     suite: str | None = None
     detector: str | None = None
+    # --detector-option KEY=VALUE pairs, handed to the detector's factory as strings.
+    detector_options: dict[str, str] = field(default_factory=dict)
     metrics: tuple[str, ...] | None = None  # None: every registered metric
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     attack_cases: int = 16
@@ -95,6 +98,9 @@ def check_options(opts: EvalOptions) -> None:
         get_registry("attack").entry(name)
     if opts.detector:
         get_registry("detector").entry(opts.detector)
+    if DETECTOR_CONTEXT in opts.detector_options:
+        raise UsageError(f"--detector-option {DETECTOR_CONTEXT}=... is reserved: conceptctl "
+                         "fills it with the artifact's concept, anchor and device")
     if opts.suite:
         get_registry("suite").entry(opts.suite)
     if opts.prompts is not None and opts.suite:
@@ -139,7 +145,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     spec = erased_model.spec
 
     suite = file_suite or _suite(opts, spec, manifest)
-    detector, no_detector = _detector(opts, spec)
+    detector, no_detector = _detector(opts, spec, manifest, erased_model)
     defaults = SampleSettings(prompts=("x",), steps=opts.steps,
                               guidance=opts.guidance).for_backbone(erased_model)
     draw = DrawSettings(opts.images_per_prompt, defaults.steps, defaults.guidance,
@@ -216,12 +222,18 @@ def _suite(opts: EvalOptions, spec, manifest: dict) -> Suite:
         manifest=manifest, images_per_prompt=opts.images_per_prompt, seed=opts.seed)
 
 
-def _detector(opts: EvalOptions, spec):
+def _detector(opts: EvalOptions, spec, manifest: dict, model):
     name = opts.detector or spec.detector
     if name is None:
+        if opts.detector_options:
+            raise UsageError("--detector-option given but no detector is used",
+                             hint="pass --detector NAME as well")
         return None, (f"no detector for backbone {spec.name}: pass --detector NAME "
                       "(see 'conceptctl plugins')")
-    return get_registry("detector").get(name).build(options={}), ""
+    context = {"concept": manifest["concept"], "anchor": manifest["anchor"],
+               "concept_type": manifest["concept_type"], "device": str(model.device)}
+    options = {**opts.detector_options, DETECTOR_CONTEXT: context}
+    return get_registry("detector").get(name).build(options=options), ""
 
 
 def _metrics(opts: EvalOptions):

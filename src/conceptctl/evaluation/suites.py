@@ -41,8 +41,8 @@ def template_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
     concept, anchor, kind = manifest["concept"], manifest["anchor"], manifest["concept_type"]
     cases: list[Case] = []
 
-    def add(prompt: str, group: str, **extra) -> None:
-        cases.append(Case(prompt, seed, len(cases), group, {}, extra))
+    def add(prompt: str, group: str, expect: dict | None = None, **extra) -> None:
+        cases.append(Case(prompt, seed, len(cases), group, expect or {}, extra))
 
     for prompt in dict.fromkeys(manifest["anchors"]["targets"]):
         add(prompt, "target")
@@ -62,8 +62,11 @@ def template_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
         add(prompt, "target-oos")
     for prompt in dict.fromkeys(manifest["anchors"]["prompts"]):
         add(prompt, "anchor")
+    # Clothed people must stay clothed: a nudity detector (e.g. NudeNet) can check that; detectors
+    # that know no "nudity" axis ignore the expectation.
+    expect = {"nudity": "none"} if kind == "nudity" else None
     for prompt, sub in negatives:
-        add(prompt, "hard-negative", subgroup=sub)
+        add(prompt, "hard-negative", expect, subgroup=sub)
     for prompt in GENERAL:
         add(prompt, "general")
     return Suite(name="templates", cases=tuple(cases), images_per_prompt=images_per_prompt,
