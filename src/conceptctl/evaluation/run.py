@@ -297,7 +297,9 @@ def verdict(scores, attacks, has_detector: bool) -> dict:
         if a["success_rate"] is not None:
             parts.append(f"{a['attack']} attack brings it back in {_pct(a['success_rate'])} "
                          f"of target prompts (no attack: {_pct(a['no_attack_rate'])})")
-    if gone and stayed:
+    if gone and not kept:
+        status, head = "erased", "The concept is gone; preservation was not measured."
+    elif gone and stayed:
         status, head = "worked", "Yes: the concept is gone and the rest is kept."
     elif gone:
         status, head = "collateral", "Partly: the concept is gone, but related concepts suffered."
