@@ -72,3 +72,18 @@ def register_anchor_selectors(register):
     ``factory(config, backbone)`` receives the run's ``EraseConfig`` and the ``BackboneSpec`` and
     returns a :class:`conceptctl.erasure.anchors.AnchorSet` of paired anchor/target prompts.
     """
+
+
+@hookspec
+def register_exporters(register):
+    """Register export formats for ``conceptctl export`` (``diffusers``, ``lora``,
+    ``single-file``, ``delta`` built in).
+
+    Call ``register(Exporter(name, export, description, writes, options))`` with a
+    :class:`conceptctl.export.Exporter`. ``export(job, out)`` receives a
+    :class:`conceptctl.export.ExportJob` (the erased backbone, the base and erased values of the
+    changed tensors, the header metadata every file must carry, the format's options) and a
+    staging path — a file path when ``writes == "file"``, an empty folder when ``"folder"`` — that
+    conceptctl renames to the user's target only when ``export`` returns, and returns a dict of
+    figures to report.
+    """

@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "discriminator": "register_discriminators",
     "gradient-surgery": "register_gradient_surgeries",
     "anchor-selector": "register_anchor_selectors",
+    "exporter": "register_exporters",
 }
 
 NAME_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*$")

@@ -5,10 +5,11 @@ from conceptctl.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(app):
-    from conceptctl.cli import erase, inventory, sample, settings
+    from conceptctl.cli import erase, export, inventory, sample, settings
 
     app.command("erase")(erase.erase)
     app.command("sample")(sample.sample)
+    app.command("export")(export.export)
     app.command("plugins")(inventory.plugins)
     app.command("backbones")(inventory.backbones)
     app.add_typer(settings.app, name="config")
