@@ -253,6 +253,12 @@ def test_delta_holds_only_changed_tensors_and_samples_like_the_artifact(tiny_sd1
     from_delta = _sampled(cli, tmp_path / "a", "--model", out)
     np.testing.assert_array_equal(from_delta, _sampled(cli, tmp_path / "b", "--model", artifact))
 
+    # A delta is an artifact too: exporting it again gives the same delta, bit for bit.
+    again = tmp_path / "again.safetensors"
+    export_artifact(out, "delta", again)
+    assert all(torch.equal(v, delta[k]) for k, v in load_file(again).items())
+    assert _header(again)["base"]["tensors_digest"] == info["base"]["tensors_digest"]
+
 
 def test_delta_and_artifact_refuse_another_base_unless_forced(artifacts, tmp_path, cli):
     base, artifact = artifacts["sd1"]
