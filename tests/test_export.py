@@ -393,6 +393,7 @@ def test_exporters_are_plugins(cli):
     assert "export" in listed["builtin-commands"]["registers"]["command"]
 
 
+@pytest.mark.slow
 def test_real_erasure_artifact_exports(tiny_sd1, tmp_path, cli):
     """An artifact from a (short) real DoCo run, not a perturbation, through the CLI."""
     from conceptctl.erasure.config import EraseConfig

@@ -20,7 +20,7 @@ def check_output_free(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
         raise OutputExistsError(
             f"{target} already exists",
-            hint="choose another output folder, or pass --overwrite to replace it",
+            hint="choose another output path, or pass --overwrite to replace it",
         )
 
 
