@@ -117,3 +117,18 @@ def register_attacks(register):
     :class:`conceptctl.evaluation.attacks.Attempt`: per attacked target case, the images the
     erased model drew under attack. conceptctl judges them and reports the attack success rate.
     """
+
+
+@hookspec
+def register_exporters(register):
+    """Register export formats for ``conceptctl export`` (``diffusers``, ``lora``,
+    ``single-file``, ``delta`` built in).
+
+    Call ``register(Exporter(name, export, description, writes, options))`` with a
+    :class:`conceptctl.export.Exporter`. ``export(job, out)`` receives a
+    :class:`conceptctl.export.ExportJob` (the erased backbone, the base and erased values of the
+    changed tensors, the header metadata every file must carry, the format's options) and a
+    staging path — a file path when ``writes == "file"``, an empty folder when ``"folder"`` — that
+    conceptctl renames to the user's target only when ``export`` returns, and returns a dict of
+    figures to report.
+    """

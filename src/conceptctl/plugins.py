@@ -30,6 +30,7 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("builtin-toy", "conceptctl.default_plugins.toy"),
     ("builtin-erasure", "conceptctl.default_plugins.erasure"),
     ("builtin-evaluation", "conceptctl.default_plugins.evaluation"),
+    ("builtin-export", "conceptctl.default_plugins.export"),
 )
 
 

@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
     "suite": "register_suites",
     "metric": "register_metrics",
     "attack": "register_attacks",
+    "exporter": "register_exporters",
 }
 
 NAME_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*$")
