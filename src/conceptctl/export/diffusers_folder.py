@@ -30,8 +30,10 @@ def how_to_load(job) -> str:
         lines += ["",
                   f"The text encoder is a transformers `{text_encoder}`, not CLIP: "
                   f"`{cls}.from_pretrained` builds it from the class `model_index.json` names "
-                  "and logs that it expected a `CLIPTextModel`; the pipeline only uses the "
-                  "encoder's last hidden states, so it works unchanged. Tools that expect an "
+                  "and logs that it expected a `CLIPTextModel` (transformers may also report "
+                  "weights the pipeline never uses, such as a BERT pooler, as newly "
+                  "initialised); the pipeline only uses the encoder's last hidden states, so it "
+                  "works unchanged. Tools that expect an "
                   "SD 1.x / 2.x checkpoint (Automatic1111, ComfyUI) cannot load this model."]
     spec = job.backbone.spec
     if spec.sample_steps or spec.sample_guidance is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,12 +96,27 @@ def parse_rank(rank: Any, max_error: float | None) -> tuple[int | None, float | 
     return value, None
 
 
+@contextmanager
+def _one_thread():
+    """Run on one thread: on the 2-core development machine a float64 SVD of a cross-attention
+    matrix (128 x 384 up to SD's 1280 x 768) took 5-20x longer, in CPU and in wall time, on two
+    threads than on one (the helper threads mostly wait), and under load a whole LoRA export
+    could spend half a minute there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def factorize(matrix: torch.Tensor, rank: int | None,
               max_error: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of one change (a float64 matrix): ``(up, down)`` with ``up @ down`` its best
     approximation of rank ``rank``, or, when ``rank`` is None, of the smallest rank whose
     relative error is at most ``max_error``. A rank above the matrix's own is its own."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    with _one_thread():
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     full = int(s.numel())
     if rank is None:
         # Truncation error of rank k: sqrt(sum of the squared singular values from k on) / norm.
