@@ -55,18 +55,25 @@ def _mean(values: list) -> float | None:
     return float(np.mean(known)) if known else None
 
 
+def _target_groups(run, metric: str, scores: list[Score]):
+    """(group, picture indices) of the target groups that have pictures; without a detector a
+    skip row is recorded instead."""
+    for group in ("target", "target-oos"):
+        idx = run.indices(group)
+        if not idx:
+            continue
+        if run.detector is None:
+            scores.append(_skip(metric, group, "higher", run.no_detector_note))
+            continue
+        yield group, idx
+
+
 class ErasureSuccess:
     name = "erasure"
 
     def compute(self, run) -> list[Score]:
         scores = []
-        for group in ("target", "target-oos"):
-            idx = run.indices(group)
-            if not idx:
-                continue
-            if run.detector is None:
-                scores.append(_skip(self.name, group, "higher", run.no_detector_note))
-                continue
+        for group, idx in _target_groups(run, self.name, scores):
             before = [run.detector.shows(run.original.labels[i], run.concept) for i in idx]
             after = [run.detector.shows(run.erased.labels[i], run.concept) for i in idx]
             if all(v is None for v in after):
@@ -121,13 +128,7 @@ class Retention:
 
     def compute(self, run) -> list[Score]:
         scores = []
-        for group in ("target", "target-oos"):
-            idx = run.indices(group)
-            if not idx:
-                continue
-            if run.detector is None:
-                scores.append(_skip(self.name, group, "lower", run.no_detector_note))
-                continue
+        for group, idx in _target_groups(run, self.name, scores):
             skip = run.detector.concept_keys(run.concept)
             agree: dict[str, list[bool]] = {}
             for i in idx:
@@ -181,7 +182,11 @@ class _Distribution:
         import torch
 
         module = _FeatureModule(run.detector, int(probe.shape[1]))
-        metric = self._metric(module, len(idx))
+        import warnings
+
+        with warnings.catch_warnings():  # "will save all extracted features": a few hundred here
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            metric = self._metric(module, len(idx))
         for images, real in ((run.original.images[idx], True), (run.erased.images[idx], False)):
             metric.update(torch.from_numpy(images).permute(0, 3, 1, 2), real=real)
         with torch.random.fork_rng(devices=[]):  # KID draws random subsets: fix them

@@ -20,6 +20,7 @@ from conceptctl.errors import UsageError
 from conceptctl.evaluation.cases import Case, Suite, read_prompt_csv
 from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
 from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases
+from conceptctl.fingerprint import file_sha256
 from conceptctl.registry import get_registry
 
 DEFAULT_ATTACKS = ("embedding", "paraphrase")
@@ -194,7 +195,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
         "artifact": {"path": str(Path(artifact_dir).resolve()), "concept": run.concept,
                      "anchor": run.anchor, "concept_type": run.concept_type,
                      "method": manifest["method"], "base": manifest["base"],
-                     "weights_sha256": _sha256(Path(artifact_dir) / "weights.safetensors"),
+                     "weights_sha256": file_sha256(Path(artifact_dir) / "weights.safetensors"),
                      "forced": bool(notes)},
         "backbone": backbone_name,
         "suite": {"name": suite.name, "source": suite.source, "cases": len(suite.cases),
@@ -244,7 +245,6 @@ def _metrics(opts: EvalOptions):
 
 def _attack(run: EvalRun, name: str, opts: EvalOptions, report: Reporter) -> dict:
     attack = get_registry("attack").get(name).build(options={"cases": opts.attack_cases})
-    report.message(f"attack {name}: {len(_targets(run))} target case(s)")
     t0 = time.time()
     attempts = attack.attack(run)
     k = run.suite.images_per_prompt
@@ -265,6 +265,7 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: Reporter) -> dic
                      "prompt": attempt.case.prompt, "attacked_prompts": attempt.prompts,
                      "concept_shown": shown})
     n = len(attempts)
+    report.message(f"attack {name}: {n} target case(s)")
     measured = run.detector is not None and n > 0
     summary = {"attack": name, "settings": attack.settings(), "cases": n,
                "success_rate": hits / n if measured else None,
@@ -272,10 +273,6 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: Reporter) -> dic
                "seconds": round(time.time() - t0, 1), "rows": rows,
                "note": "" if measured else (run.no_detector_note or "no target cases")}
     return {"summary": summary, "attempts": attempts}
-
-
-def _targets(run: EvalRun) -> list[Case]:
-    return [c for c in run.suite.cases if c.group in ("target", "target-oos")]
 
 
 def verdict(scores, attacks, has_detector: bool) -> dict:
@@ -313,14 +310,6 @@ def verdict(scores, attacks, has_detector: bool) -> dict:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.0%}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _original_key(manifest: dict, backbone: str, suite: Suite, draw: DrawSettings) -> str:

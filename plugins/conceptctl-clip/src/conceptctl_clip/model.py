@@ -50,11 +50,9 @@ def load_clip(path: Path, device: str = "cpu") -> ClipModel:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from conceptctl.fingerprint import file_sha256
+
+    return file_sha256(path)
 
 
 class ClipModel:
