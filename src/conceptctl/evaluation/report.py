@@ -86,6 +86,11 @@ def _group_grid(run, group: str) -> tuple[Image.Image, list[str]] | None:
     return grid, prompts
 
 
+def _shown_width(grid: Image.Image) -> int:
+    """Pixels doubled for legibility, never wider than the page column."""
+    return min(640, 2 * grid.width)
+
+
 def _chart(metrics: list[dict]) -> str:
     """An inline SVG bar chart of the share-valued metrics (0..1)."""
     rows = [m for m in metrics if m["value"] is not None
@@ -129,7 +134,7 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}",
            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;",
            "padding:4px 8px;text-align:left}img.grid{image-rendering:pixelated;",
-           "border:1px solid #ccc;width:min(100%,640px)}.verdict{padding:1em;color:white;",
+           "border:1px solid #ccc;max-width:100%;height:auto}.verdict{padding:1em;color:white;",
            f"background:{colour};border-radius:6px;font-size:1.1em}}",
            "figure{margin:1em 0}figcaption{font-size:.9em;color:#555}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>",
@@ -158,6 +163,7 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
         grid, prompts = made
         shown = min(len(prompts), GRID_ROWS)
         out.append(f"<figure><h3>{html.escape(group)}</h3><img class='grid' alt='{group} grid' "
+                   f"width='{_shown_width(grid)}' "
                    f"src='{_png_data(grid)}'><figcaption>rows: "
                    + "; ".join(html.escape(p) for p in prompts[:shown]) + "</figcaption></figure>")
     for summary, attempts in zip(result["attacks"], attempts_per_attack, strict=True):
@@ -171,7 +177,8 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
             for c, picture in enumerate(attempt.images):
                 grid.paste(Image.fromarray(np.asarray(picture)), (c * w, r * h))
         out.append(f"<figure><h3>attack: {html.escape(summary['attack'])}</h3>"
-                   f"<img class='grid' alt='attack grid' src='{_png_data(grid)}'>"
+                   f"<img class='grid' alt='attack grid' width='{_shown_width(grid)}' "
+                   f"src='{_png_data(grid)}'>"
                    "<figcaption>erased model under attack, one row per target prompt"
                    "</figcaption></figure>")
     out.append("<h2>Reproduce</h2><pre>" + html.escape(json.dumps(
