@@ -82,8 +82,11 @@ def export_artifact(
 ) -> ExportResult:
     """Export the artifact (folder or delta file) at ``artifact_path`` as ``fmt`` to ``out``."""
     from conceptctl.erasure.artifact import read_artifact
+    from conceptctl.runtime import DTYPE_NAMES
 
     started = time.time()
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype {dtype!r}; use {', '.join(DTYPE_NAMES)}")
     options = {key: value for key, value in (options or {}).items() if value is not None}
     exporter = check_request(fmt, options)
     artifact = read_artifact(Path(artifact_path))
