@@ -21,6 +21,7 @@ def _heavy_modules_after(args: list[str]) -> str:
 
 def test_help_does_not_import_torch():
     assert _heavy_modules_after(["--help"]) == "HEAVY="
+    assert _heavy_modules_after(["export", "--help"]) == "HEAVY="
 
 
 def test_plugins_and_backbones_listing_do_not_import_torch():

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ def check_output_free(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
         raise OutputExistsError(
             f"{target} already exists",
-            hint="choose another output folder, or pass --overwrite to replace it",
+            hint="choose another output path, or pass --overwrite to replace it",
         )
 
 
@@ -63,6 +64,38 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def make_shareable(path: Path) -> None:
+    """Give a file the permissions any new file gets (``0666`` less the umask).
+
+    Writers such as safetensors >= 0.8 create private (0600) files; results are meant to be
+    shared with other users and tools.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@contextmanager
+def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path next to ``target``; on success it is renamed to ``target``.
+
+    The single-file counterpart of :func:`atomic_directory`: on any error (or an interrupt) the
+    temporary file is removed and ``target`` is untouched, so readers never see half a file.
+    """
+    target = Path(target)
+    if target.is_dir():
+        raise OutputExistsError(f"{target} is a folder; this output is a single file",
+                                hint="give a file name, e.g. NAME.safetensors")
+    check_output_free(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        make_shareable(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -21,3 +21,14 @@ def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 def module_digest(module: torch.nn.Module) -> str:
     """Digest of every parameter and buffer of ``module``."""
     return tensor_digest(sorted(module.state_dict().items()))
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (model files can be large)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

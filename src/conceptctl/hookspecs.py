@@ -72,3 +72,63 @@ def register_anchor_selectors(register):
     ``factory(config, backbone)`` receives the run's ``EraseConfig`` and the ``BackboneSpec`` and
     returns a :class:`conceptctl.erasure.anchors.AnchorSet` of paired anchor/target prompts.
     """
+
+
+@hookspec
+def register_detectors(register):
+    """Register concept detectors for evaluation (``toy-judge`` built in).
+
+    ``factory(options)`` receives a dict of user options (``conceptctl evaluate --detector-option
+    KEY=VALUE``) and returns a :class:`conceptctl.evaluation.detectors.Detector`: ``judge(images)``
+    labels each picture, ``shows(labels, concept)`` says whether one shows a concept,
+    ``matches(labels, expect)`` whether it shows what its prompt asked, and optionally
+    ``features(images)`` gives feature vectors for Fréchet distance and KID. ``info()`` returns
+    what a report must record to reproduce its numbers (version, file hashes, thresholds).
+    """
+
+
+@hookspec
+def register_suites(register):
+    """Register built-in evaluation prompt suites (``toy`` and ``templates`` built in).
+
+    ``factory(manifest, images_per_prompt, seed)`` receives the artifact's ``conceptctl.json``
+    contents and returns a :class:`conceptctl.evaluation.cases.Suite`: prompt cases in the groups
+    ``target``, ``target-oos``, ``anchor``, ``hard-negative`` and ``general``.
+    """
+
+
+@hookspec
+def register_metrics(register):
+    """Register evaluation metrics (``erasure``, ``preservation``, ``retention``, ``fd``,
+    ``kid`` built in).
+
+    ``factory()`` returns an object with ``compute(run)`` that receives a
+    :class:`conceptctl.evaluation.run.EvalRun` (cases, judged labels and features of the original
+    and erased images) and returns a list of :class:`conceptctl.evaluation.metrics.Score`.
+    """
+
+
+@hookspec
+def register_attacks(register):
+    """Register robustness attacks (``embedding`` and ``paraphrase`` built in).
+
+    ``factory(options)`` returns an object with ``attack(run)`` that receives the
+    :class:`conceptctl.evaluation.run.EvalRun` and returns a list of
+    :class:`conceptctl.evaluation.attacks.Attempt`: per attacked target case, the images the
+    erased model drew under attack. conceptctl judges them and reports the attack success rate.
+    """
+
+
+@hookspec
+def register_exporters(register):
+    """Register export formats for ``conceptctl export`` (``diffusers``, ``lora``,
+    ``single-file``, ``delta`` built in).
+
+    Call ``register(Exporter(name, export, description, writes, options))`` with a
+    :class:`conceptctl.export.Exporter`. ``export(job, out)`` receives a
+    :class:`conceptctl.export.ExportJob` (the erased backbone, the base and erased values of the
+    changed tensors, the header metadata every file must carry, the format's options) and a
+    staging path — a file path when ``writes == "file"``, an empty folder when ``"folder"`` — that
+    conceptctl renames to the user's target only when ``export`` returns, and returns a dict of
+    figures to report.
+    """

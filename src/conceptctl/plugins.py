@@ -29,6 +29,8 @@ DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("builtin-commands", "conceptctl.default_plugins.commands"),
     ("builtin-toy", "conceptctl.default_plugins.toy"),
     ("builtin-erasure", "conceptctl.default_plugins.erasure"),
+    ("builtin-evaluation", "conceptctl.default_plugins.evaluation"),
+    ("builtin-export", "conceptctl.default_plugins.export"),
 )
 
 

@@ -25,6 +25,11 @@ KINDS: dict[str, str] = {
     "discriminator": "register_discriminators",
     "gradient-surgery": "register_gradient_surgeries",
     "anchor-selector": "register_anchor_selectors",
+    "detector": "register_detectors",
+    "suite": "register_suites",
+    "metric": "register_metrics",
+    "attack": "register_attacks",
+    "exporter": "register_exporters",
 }
 
 NAME_RE = re.compile(r"^[a-z0-9]+(?:[.-][a-z0-9]+)*$")

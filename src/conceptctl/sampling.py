@@ -34,6 +34,8 @@ class SampleSettings:
     negative_prompt: str | None = None
     resolution: int | None = None  # None: the backbone's native resolution
     batch_size: int = 8
+    # One seed per prompt (evaluation files give each case its own); None: ``seed`` for all.
+    prompt_seeds: tuple[int, ...] | None = None
 
     def check(self) -> None:
         """Reject values the pipeline would fail on, or silently misuse, with one clear line."""
@@ -45,6 +47,8 @@ class SampleSettings:
                 raise UsageError(f"{name.replace('_', ' ')} must be at least {minimum}")
         if not 0 <= self.seed < 2**63:
             raise UsageError("seed must be between 0 and 2**63 - 1")
+        if self.prompt_seeds is not None and len(self.prompt_seeds) != len(self.prompts):
+            raise UsageError("give one seed per prompt")
         if self.guidance is not None and self.guidance < 0:
             raise UsageError("guidance must be 0 or more (1 or less disables guidance)")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
@@ -76,7 +80,7 @@ class SampledImage:
     image: Image.Image
 
 
-def _initial_noise(backbone: Backbone, seeds: list[int], size: int):
+def initial_noise(backbone: Backbone, seeds: list[int], size: int):
     import torch
 
     side = size // backbone.vae_scale_factor
@@ -98,7 +102,7 @@ def _denoise_batches(
     settings = settings.for_backbone(backbone)
     size = settings.resolution
     jobs = [
-        (p, prompt, k, settings.seed + k)
+        (p, prompt, k, (settings.prompt_seeds[p] if settings.prompt_seeds else settings.seed) + k)
         for p, prompt in enumerate(settings.prompts)
         for k in range(settings.images_per_prompt)
     ]
@@ -116,7 +120,7 @@ def _denoise_batches(
         result = backbone.pipeline(
             prompt=[job[1] for job in batch],
             negative_prompt=[negative] * len(batch) if negative else None,
-            latents=_initial_noise(backbone, [job[3] for job in batch], size),
+            latents=initial_noise(backbone, [job[3] for job in batch], size),
             height=size,
             width=size,
             num_inference_steps=settings.steps,

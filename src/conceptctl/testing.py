@@ -147,3 +147,41 @@ def save_tiny_pipeline(path: str | Path, flavor: Flavor = "sd1", seed: int = 0) 
     path = Path(path)
     build_tiny_pipeline(flavor, seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def write_test_artifact(backbone, out_dir: str | Path, *, names=None, scale: float = 0.05,
+                        seed: int = 0, concept: str = "church", anchor: str = "house") -> Path:
+    """Write an erasure artifact in seconds, without training, for testing what consumes one.
+
+    The chosen UNet tensors of the loaded ``backbone`` (default: DoCo's cross-attention keys and
+    values) become their base values plus seeded Gaussian noise of ``scale`` times each tensor's
+    RMS: a full-rank change, in the real artifact format with the base's real hash. The backbone
+    itself is left unchanged.
+    """
+    import torch
+
+    from conceptctl.erasure.artifact import FORMAT_VERSION, base_digest, write_artifact
+    from conceptctl.erasure.params import select_parameters
+
+    params = dict(backbone.unet.named_parameters())
+    chosen = list(names) if names is not None else list(
+        select_parameters(backbone.unet, "cross-attn-kv"))
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name in chosen:
+        value = params[name].detach()
+        noise = torch.randn(value.shape, generator=generator).to(value)
+        weights[name] = value + scale * value.float().pow(2).mean().sqrt().to(value) * noise
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "kind": "values",
+        "concept": concept,
+        "anchor": anchor,
+        "concept_type": "object",
+        "method": "test-perturbation",
+        "base": {**backbone.describe(), "tensors_digest": base_digest(backbone.unet, chosen),
+                 "tensors": sorted(chosen)},
+    }
+    out_dir = Path(out_dir)
+    write_artifact(out_dir, weights, manifest, f"# {concept} (test artifact, no training)\n")
+    return out_dir

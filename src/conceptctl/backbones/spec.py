@@ -42,6 +42,10 @@ class BackboneSpec:
     sample_guidance: float | None = None
     # The anchor-prompt selector that knows this model's vocabulary (None: "templates").
     anchor_selector: str | None = None
+    # How `conceptctl evaluate` judges this model's pictures, and its default prompt suite
+    # (None: no built-in detector; the suite falls back to "templates").
+    detector: str | None = None
+    eval_suite: str | None = None
 
     def properties(self) -> dict[str, Any]:
         """The spec as plain data (what ``conceptctl backbones --json`` prints)."""

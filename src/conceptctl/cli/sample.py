@@ -60,9 +60,9 @@ def sample(
     seed: options.Seed = 0,
     model: Annotated[
         Path | None,
-        typer.Option("--model", "-m", help="An erasure artifact folder: sample the erased model "
-                     "(its base is the default --backbone).", file_okay=False,
-                     show_default=False),
+        typer.Option("--model", "-m", help="An erasure artifact folder, or a delta .safetensors "
+                     "from 'conceptctl export': sample the erased model (its base is the default "
+                     "--backbone).", show_default=False),
     ] = None,
     compare: Annotated[bool, typer.Option(
         "--compare", help="With --model: also draw the original; the grid shows both.")] = False,

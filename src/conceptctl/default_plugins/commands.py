@@ -5,10 +5,13 @@ from conceptctl.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(app):
-    from conceptctl.cli import erase, inventory, sample, settings
+    from conceptctl.cli import erase, evaluate, export, inventory, sample, settings
 
     app.command("erase")(erase.erase)
+    app.command("evaluate")(evaluate.evaluate)
+    app.command("eval", help="Alias of 'evaluate'.")(evaluate.evaluate)
     app.command("sample")(sample.sample)
+    app.command("export")(export.export)
     app.command("plugins")(inventory.plugins)
     app.command("backbones")(inventory.backbones)
     app.add_typer(settings.app, name="config")

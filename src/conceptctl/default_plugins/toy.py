@@ -28,6 +28,8 @@ TOY = BackboneSpec(
     sample_steps=20,
     sample_guidance=3.0,
     anchor_selector="toy",
+    detector="toy-judge",
+    eval_suite="toy",
 )
 
 

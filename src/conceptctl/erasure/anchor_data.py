@@ -32,7 +32,10 @@ def backbone_digest(backbone) -> str:
 
 
 def cache_key(digest: str, settings: SampleSettings) -> str:
-    blob = json.dumps({"format": CACHE_FORMAT, "backbone": digest, "settings": asdict(settings)},
+    fields = asdict(settings)
+    if fields.get("prompt_seeds") is None:  # added later: keys of older caches stay valid
+        fields.pop("prompt_seeds", None)
+    blob = json.dumps({"format": CACHE_FORMAT, "backbone": digest, "settings": fields},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -11,6 +11,11 @@
 
 Applying an artifact to a base whose replaced tensors hash differently fails, naming both hashes,
 unless forced: a delta applied to the wrong model must fail loudly.
+
+A *delta* (``conceptctl export --format delta``) is the same thing as one ``.safetensors`` file:
+erased minus base for the changed tensors, with the record in its header (key ``conceptctl``,
+``kind: "delta"``); :func:`read_artifact` reads both and :func:`apply_artifact` adds a delta where
+it copies values.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from conceptctl.errors import ConceptctlError
@@ -30,6 +36,8 @@ from conceptctl.fingerprint import tensor_digest
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
 MANIFEST = "conceptctl.json"
+HEADER_KEY = "conceptctl"  # safetensors header key of the record, in artifacts and exports
+DELTA = "delta"
 
 
 class BaseMismatchError(ConceptctlError):
@@ -45,6 +53,10 @@ class Artifact:
     @property
     def base(self) -> dict:
         return self.manifest["base"]
+
+    @property
+    def is_delta(self) -> bool:
+        return self.manifest.get("kind") == DELTA
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -62,7 +74,7 @@ def write_artifact(out_dir: Path, weights: dict[str, torch.Tensor], manifest: di
     """Write the three artifact files, each atomically; the manifest last, so a folder with a
     manifest is always complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = {"conceptctl": json.dumps({k: manifest[k] for k in (
+    header = {HEADER_KEY: json.dumps({k: manifest[k] for k in (
         "format_version", "concept", "anchor", "concept_type", "method", "base")})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     _atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -72,16 +84,49 @@ def write_artifact(out_dir: Path, weights: dict[str, torch.Tensor], manifest: di
 
 
 def read_artifact(path: Path) -> Artifact:
+    """An artifact folder written by ``conceptctl erase``, or a delta file from ``export``."""
     path = Path(path)
+    if path.is_file():
+        return _read_delta(path)
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise ConceptctlError(f"{path} is not a conceptctl artifact (no {MANIFEST})",
-                              hint="give the folder 'conceptctl erase' wrote")
+                              hint="give the folder 'conceptctl erase' wrote, or a delta "
+                              ".safetensors file from 'conceptctl export --format delta'")
     manifest = json.loads(manifest_file.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ConceptctlError(f"{path} has artifact format {manifest.get('format_version')}; "
-                              f"this conceptctl reads format {FORMAT_VERSION}")
+    _check_format_version(path, manifest)
     return Artifact(path, manifest, load_file(str(path / WEIGHTS)))
+
+
+def _check_format_version(path: Path, record: dict) -> None:
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ConceptctlError(f"{path} has artifact format {record.get('format_version')}; "
+                              f"this conceptctl reads format {FORMAT_VERSION}")
+
+
+def _read_delta(path: Path) -> Artifact:
+    not_delta = "give an artifact folder, or a file written by 'conceptctl export --format delta'"
+    if path.suffix.lower() != ".safetensors":
+        raise ConceptctlError(f"{path} is not a conceptctl artifact (a folder) or delta "
+                              "(.safetensors)", hint=not_delta)
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get(HEADER_KEY)
+    except (SafetensorError, OSError) as err:
+        raise ConceptctlError(f"cannot read {path} as safetensors: {err}", hint=not_delta) from err
+    record = json.loads(raw) if raw else None
+    if not isinstance(record, dict):
+        raise ConceptctlError(f"{path} is not a conceptctl delta (its header has no "
+                              f"{HEADER_KEY!r} record)", hint=not_delta)
+    if record.get("kind") is None:  # the header write_artifact puts on weights.safetensors
+        raise ConceptctlError(f"{path} is the weights file of an artifact, not a delta",
+                              hint=f"give the folder that holds it ({path.parent})")
+    if record.get("kind") != DELTA:
+        raise ConceptctlError(f"{path} is a conceptctl {record.get('kind')} export, not a delta",
+                              hint="see docs/export.md for how to load each format; "
+                              + not_delta)
+    _check_format_version(path, record)
+    return Artifact(path, record, load_file(str(path)))
 
 
 def base_digest(unet: torch.nn.Module, names) -> str:
@@ -90,7 +135,8 @@ def base_digest(unet: torch.nn.Module, names) -> str:
 
 
 def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[str]:
-    """Put the artifact's tensors into ``backbone.unet``; returns warnings (e.g. forced)."""
+    """Put the artifact's tensors into ``backbone.unet`` (a delta's: add them); returns warnings
+    (e.g. forced)."""
     params = dict(backbone.unet.named_parameters())
     missing = sorted(set(artifact.weights) - set(params))
     if missing:
@@ -108,7 +154,8 @@ def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[st
     actual = base_digest(backbone.unet, artifact.weights)
     notes = []
     if actual != expected:
-        message = (f"the artifact was made from base {artifact.base.get('name')} ({expected}) "
+        what = "delta" if artifact.is_delta else "artifact"
+        message = (f"the {what} was made from base {artifact.base.get('name')} ({expected}) "
                    f"but this backbone ({backbone.spec.name}) has {actual}")
         if not force:
             raise BaseMismatchError(message, hint="load the base it was made from, or pass "
@@ -116,5 +163,8 @@ def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[st
         notes.append(f"forced: {message}")
     with torch.no_grad():
         for name, value in artifact.weights.items():
-            params[name].copy_(value.to(params[name]))
+            if artifact.is_delta:
+                params[name].add_(value.to(params[name]))
+            else:
+                params[name].copy_(value.to(params[name]))
     return notes

@@ -1,0 +1,223 @@
+"""``conceptctl evaluate`` (alias ``eval``): did the erasure work? Numbers, pictures, robustness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from conceptctl.cli import console, options
+from conceptctl.errors import UsageError
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _key_values(pairs: list[str], option: str) -> dict[str, str]:
+    """``["a=1", "b=x=y"]`` -> ``{"a": "1", "b": "x=y"}``; malformed or repeated keys fail."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{option} {pair!r} is not KEY=VALUE", hint=f"e.g. {option} "
+                             "threshold=0.6")
+        if key in out:
+            raise UsageError(f"{option} {key} is given twice")
+        out[key] = value.strip()
+    return out
+
+
+def evaluate(
+    artifacts: Annotated[list[Path], typer.Argument(
+        help="Artifact folder(s) written by 'conceptctl erase'.", file_okay=False)],
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Several artifacts: one side-by-side table (and compare.json/html).")
+    ] = False,
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", help="CSV prompt file: prompt,evaluation_seed,case_number [,group, "
+        "expect_AXIS, ...] (default: the backbone's built-in suite).", dir_okay=False,
+        show_default=False)] = None,
+    suite: Annotated[str | None, typer.Option(
+        help="Built-in suite (default: the backbone's, else 'templates').",
+        show_default=False)] = None,
+    detector: Annotated[str | None, typer.Option(
+        help="Concept detector (default: the backbone's; toy: toy-judge).",
+        show_default=False)] = None,
+    detector_option: Annotated[list[str] | None, typer.Option(
+        "--detector-option", help="KEY=VALUE for the detector, repeatable (e.g. threshold=0.6 "
+        "for nudenet).", show_default=False)] = None,
+    metrics: Annotated[str | None, typer.Option(
+        help="Comma-separated metric names (default: all registered).",
+        show_default=False)] = None,
+    attacks: Annotated[str, typer.Option(
+        help="Comma-separated attacks, or 'none'.")] = "embedding,paraphrase",
+    attack_cases: Annotated[int, typer.Option(
+        help="Target prompts each attack works on.", min=1)] = 16,
+    images_per_prompt: Annotated[int, typer.Option(
+        "--images-per-prompt", "-n", help="Pictures per prompt and model.", min=1)] = 2,
+    seed: Annotated[int, typer.Option(
+        "--seed", "-s", help="Seed of built-in suites' cases (CSV rows carry their own).",
+        min=0)] = 20_000,
+    steps: Annotated[int | None, typer.Option(
+        help="Sampling steps (backbone default).", min=1, show_default=False)] = None,
+    guidance: Annotated[float | None, typer.Option(
+        help="Guidance scale (backbone default).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Pictures per sampling batch.", min=1)] = 32,
+    backbone: options.Backbone = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Apply artifacts even if the base weights' hash differs.")] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Report folder (default: evaluations/<artifact>, or "
+        "evaluations/compare).", file_okay=False, show_default=False)] = None,
+    overwrite: options.Overwrite = False,
+    device: options.Device = None,
+    dtype: options.Dtype = None,
+    json_output: options.Json = False,
+) -> None:
+    """Judge whether an erasure worked: numbers, pictures and robustness in one report.
+
+    Draws fixed prompt groups (target, out-of-set target, anchor, hard negatives, general) with
+    the original and the erased model from the same seeds, judges every picture, attacks the
+    erased model, and writes report.json and report.html.
+    """
+    from conceptctl.evaluation.run import EvalOptions, check_options
+    from conceptctl.fileio import check_output_free, next_free_dir
+
+    if len(artifacts) > 1 and not compare:
+        raise UsageError("several artifacts need --compare",
+                         hint="conceptctl evaluate A B C --compare")
+    opts = EvalOptions(
+        prompts=prompts, suite=suite, detector=detector,
+        detector_options=_key_values(detector_option or [], "--detector-option"),
+        metrics=_names(metrics),
+        attacks=_names(attacks) or (), attack_cases=attack_cases,
+        images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance,
+        batch_size=batch_size, backbone=backbone, force=force, device=device, dtype=dtype)
+    check_options(opts)
+    for path in artifacts:
+        if not (path / "conceptctl.json").is_file():
+            raise UsageError(f"{path} is not a conceptctl artifact (no conceptctl.json)",
+                             hint="give the folder 'conceptctl erase' wrote")
+    if compare:
+        out = output or next_free_dir(Path("evaluations") / "compare")
+    else:
+        out = output or next_free_dir(Path("evaluations") / artifacts[0].resolve().name)
+    check_output_free(out, overwrite)
+    results = _run(artifacts, opts, out, compare, overwrite)
+    if json_output:
+        console.out.print_json(data=results if compare else results[0])
+        return
+    if compare:
+        console.out.print(_compare_table(results))
+        console.out.print(f"reports: {out}/compare.html, {out}/<artifact>/report.html")
+    else:
+        console.out.print(_table(results[0]))
+        console.out.print(results[0]["verdict"]["text"])
+        console.out.print(f"report: {out}/report.html")
+
+
+def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from conceptctl.evaluation.compare import write_compare
+    from conceptctl.evaluation.report import write_report
+    from conceptctl.evaluation.run import OriginalCache, Reporter
+    from conceptctl.evaluation.run import evaluate as run_evaluate
+    from conceptctl.fileio import atomic_directory
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    results = []
+    # The bar starts with the first picture, so errors found while loading (a wrong base, a bad
+    # prompt file) stay the first line on stderr.
+    progress: Progress | None = None
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage, done, total):
+        nonlocal progress
+        if progress is None:
+            progress = Progress(*columns, console=console.err, transient=True)
+            progress.start()
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(f"{stage} (image-steps)", total=total)
+        progress.update(tasks[stage], completed=done)
+
+    def message(text):
+        (progress.console if progress else console.err).print(text, markup=False)
+
+    reporter = Reporter(message=message, progress=on_progress)
+    try:
+        cache = OriginalCache()
+        if not compare:
+            result, run = run_evaluate(artifacts[0], opts, reporter, cache)
+            write_report(out, result, run, overwrite=overwrite)
+            return [result]
+        with atomic_directory(out, overwrite=overwrite) as staging:
+            names = _unique_names(artifacts)
+            for path, name in zip(artifacts, names, strict=True):
+                tasks.clear()
+                result, run = run_evaluate(path, opts, reporter, cache)
+                write_report(staging / name, result, run)
+                result["report"] = f"{name}/report.html"
+                results.append(result)
+            write_compare(staging, results, names)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return results
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names: list[str] = []
+    for path in paths:
+        base = path.resolve().name or "artifact"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
+
+
+def _table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{result['artifact']['concept']} -> {result['artifact']['anchor']} "
+                  f"({result['artifact']['method']})")
+    for column in ("metric", "group", "value", "better", "pictures", "note"):
+        table.add_column(column)
+    for m in result["metrics"]:
+        table.add_row(m["metric"], m["group"], _fmt(m["value"], m.get("unit", "share")),
+                      m["direction"],
+                      str(m["images"]), m["note"])
+    for a in result["attacks"]:
+        table.add_row(f"attack {a['attack']}", f"{a['cases']} target prompts",
+                      _fmt(a["success_rate"]), "lower", "",
+                      f"no attack: {_fmt(a['no_attack_rate'])}")
+    return table
+
+
+def _compare_table(results: list[dict]):
+    from rich.table import Table
+
+    from conceptctl.evaluation.compare import compare_rows
+
+    header, rows = compare_rows(results)
+    table = Table(title="comparison")
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _fmt(value, unit: str = "share") -> str:
+    from conceptctl.evaluation.metrics import format_value
+
+    return format_value(value, unit)

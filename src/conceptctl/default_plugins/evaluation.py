@@ -1,0 +1,77 @@
+"""Built-in evaluation components: suites, detectors, metrics and attacks."""
+
+from conceptctl.components import Component
+from conceptctl.hookspecs import hookimpl
+
+
+def _toy_suite(manifest, images_per_prompt, seed):
+    from conceptctl.toy.eval_suite import toy_suite
+
+    return toy_suite(manifest, images_per_prompt, seed)
+
+
+def _template_suite(manifest, images_per_prompt, seed):
+    from conceptctl.evaluation.suites import template_suite
+
+    return template_suite(manifest, images_per_prompt, seed)
+
+
+def _toy_judge(options):
+    from conceptctl.evaluation.detectors import detector_options
+    from conceptctl.toy.detector import ToyJudgeDetector
+
+    detector_options(options, (), "toy-judge")  # it has none: a --detector-option is a mistake
+    return ToyJudgeDetector()
+
+
+def _metric(class_name):
+    def factory():
+        from conceptctl.evaluation import metrics
+
+        return getattr(metrics, class_name)()
+
+    return factory
+
+
+def _embedding(options):
+    from conceptctl.evaluation.attacks import EmbeddingAttack
+
+    return EmbeddingAttack(cases=options.get("cases", 16))
+
+
+def _paraphrase(options):
+    from conceptctl.evaluation.attacks import ParaphraseAttack
+
+    return ParaphraseAttack(cases=options.get("cases", 16))
+
+
+@hookimpl
+def register_suites(register):
+    register(Component("toy", _toy_suite, "the toy world's groups, graded by the toy judge"))
+    register(Component("templates", _template_suite, "offline templates for any backbone"))
+
+
+@hookimpl
+def register_detectors(register):
+    register(Component("toy-judge", _toy_judge, "the toy judge: object, style, colour"))
+
+
+@hookimpl
+def register_metrics(register):
+    register(Component("erasure", _metric("ErasureSuccess"),
+                       "target groups: share of pictures without the concept"))
+    register(Component("preservation", _metric("Preservation"),
+                       "anchor / hard negatives / general: accuracy erased / original"))
+    register(Component("retention", _metric("Retention"),
+                       "target groups: other labels unchanged, same seed"))
+    register(Component("fd", _metric("FrechetDistance"),
+                       "general prompts: Fréchet distance on detector features"))
+    register(Component("kid", _metric("KernelDistance"),
+                       "general prompts: kernel inception distance on detector features"))
+
+
+@hookimpl
+def register_attacks(register):
+    register(Component("embedding", _embedding,
+                       "learned prompt-token embeddings (UnlearnDiffAtk-like)"))
+    register(Component("paraphrase", _paraphrase, "synonyms and held-out phrasings"))

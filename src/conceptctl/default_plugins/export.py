@@ -1,0 +1,48 @@
+"""Built-in export formats: diffusers folder, LoRA, original single file, delta."""
+
+from conceptctl.export import Exporter
+from conceptctl.hookspecs import hookimpl
+
+# The exporters import torch and diffusers when they run, never when they are listed.
+
+
+def _diffusers(job, out):
+    from conceptctl.export.diffusers_folder import export_diffusers
+
+    return export_diffusers(job, out)
+
+
+def _lora(job, out):
+    from conceptctl.export.lora import export_lora
+
+    return export_lora(job, out)
+
+
+def _check_lora(options):
+    from conceptctl.export.lora import check_options
+
+    check_options(options)
+
+
+def _single_file(job, out):
+    from conceptctl.export.single_file import export_single_file
+
+    return export_single_file(job, out)
+
+
+def _delta(job, out):
+    from conceptctl.export.delta import export_delta
+
+    return export_delta(job, out)
+
+
+@hookimpl
+def register_exporters(register):
+    register(Exporter("diffusers", _diffusers, "full pipeline folder for from_pretrained, with "
+                      "a model card", writes="folder"))
+    register(Exporter("lora", _lora, "the weight change as a LoRA (truncated SVD), diffusers or "
+                      "kohya naming", options=("rank", "max_error", "lora_format"),
+                      check=_check_lora))
+    register(Exporter("single-file", _single_file, "one original-layout SD checkpoint "
+                      "(Automatic1111, ComfyUI, from_single_file)"))
+    register(Exporter("delta", _delta, "only the changed tensors, erased minus base"))

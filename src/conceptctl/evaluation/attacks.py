@@ -1,0 +1,218 @@
+"""Robustness attacks: can the erased concept be brought back?
+
+Every attack works on the suite's target cases at once (one run, not one per prompt) and returns,
+per attacked case, the pictures the erased model drew under attack; the evaluation judges them.
+Attack success rate (ASR) = share of attacked cases where at least one attacked picture shows the
+concept; the no-attack figure for the same cases and seeds is reported beside it.
+
+``embedding`` (in the spirit of UnlearnDiffAtk, Zhang et al. 2024): a few learnable token
+embeddings are put in front of each target prompt, in the text encoder's input-embedding space,
+and optimised so that the *erased* model denoises the *original* model's pictures of that prompt
+well (the ordinary diffusion loss at random timesteps); then the erased model draws from the
+attacked prompt with the case's seeds. UnlearnDiffAtk projects onto vocabulary tokens; these
+embeddings stay continuous (a stronger, soft-prompt attacker).
+
+``paraphrase``: the target cases asked again with every synonym of the concept and, in the toy
+world, every held-out template (phrasings neither the model nor the erasure trained on).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from conceptctl.evaluation.cases import Case
+from conceptctl.evaluation.generate import Drawn, draw_cases, draw_embeddings
+
+
+@dataclass
+class Attempt:
+    case: Case  # the attacked target case
+    images: np.ndarray  # uint8 pictures drawn by the erased model under attack
+    prompts: list[str] = field(default_factory=list)  # what was asked, for the report
+
+
+def attacked_cases(run, limit: int) -> list[tuple[int, Case]]:
+    """(case index, case) of the first ``limit`` cases of the target groups, in-set first."""
+    chosen = [(i, c) for i, c in enumerate(run.suite.cases) if c.group == "target"]
+    chosen += [(i, c) for i, c in enumerate(run.suite.cases) if c.group == "target-oos"]
+    return chosen[:limit]
+
+
+class EmbeddingAttack:
+    name = "embedding"
+
+    def __init__(self, tokens: int = 3, steps: int = 60, lr: float = 0.01, cases: int = 16,
+                 seed: int = 0) -> None:
+        self.tokens, self.steps, self.lr, self.cases, self.seed = tokens, steps, lr, cases, seed
+
+    def settings(self) -> dict:
+        return {"tokens": self.tokens, "steps": self.steps, "lr": self.lr, "cases": self.cases,
+                "seed": self.seed, "space": "text-encoder input embeddings (continuous)"}
+
+    def attack(self, run) -> list[Attempt]:
+        chosen = attacked_cases(run, self.cases)
+        if not chosen:
+            return []
+        backbone = run.erased_model
+        k = run.suite.images_per_prompt
+        prompts = [c.prompt for _, c in chosen]
+        # What the original model drew for each attacked prompt: the pictures to reproduce.
+        goal = torch.stack([run.original.latents[i * k : (i + 1) * k] for i, _ in chosen])
+        generator = torch.Generator().manual_seed(self.seed)
+        encoder = _SoftPromptEncoder(backbone, prompts, self.tokens, generator)
+        optimizer = torch.optim.Adam([encoder.soft], lr=self.lr)
+        unet = backbone.unet
+        unet.requires_grad_(False)
+        latents = goal.flatten(0, 1).to(backbone.device, backbone.dtype)  # (cases*k, C, h, w)
+        for _ in range(self.steps):
+            t = torch.randint(0, backbone.num_train_timesteps, (len(latents),),
+                              generator=generator).to(backbone.device)
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            noisy = backbone.scheduler.add_noise(latents, noise, t)
+            states = encoder().repeat_interleave(k, dim=0)
+            pred = unet(noisy, t, states).sample
+            loss = F.mse_loss(pred.float(),
+                              backbone.training_target(latents, noise, t).float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            states = encoder()
+        drawn = draw_embeddings(backbone, states, [c.seed for _, c in chosen], run.draw)
+        return [Attempt(case, drawn.images[j * k : (j + 1) * k],
+                        [f"<{self.tokens} learned tokens> {case.prompt}"])
+                for j, (_, case) in enumerate(chosen)]
+
+
+class _SoftPromptEncoder:
+    """The backbone's own text encoder with ``tokens`` learnable input embeddings placed right
+    after the first (start) token of every prompt. It hooks the input-embedding layer, so it
+    works for CLIP (SD) and BERT (toy) encoders alike, position embeddings included."""
+
+    def __init__(self, backbone, prompts: list[str], tokens: int,
+                 generator: torch.Generator) -> None:
+        tok, enc = backbone.tokenizer, backbone.text_encoder
+        self.encoder, self.tokens = enc, tokens
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt")
+        input_ids, mask = ids.input_ids, ids.attention_mask
+        # Make room: [start] + tokens placeholders + the rest, truncated to the same length.
+        filler = torch.full((len(prompts), tokens), int(input_ids[0, 1]))
+        self.input_ids = torch.cat([input_ids[:, :1], filler, input_ids[:, 1:]], 1)[
+            :, : input_ids.shape[1]].to(backbone.device)
+        self.mask = torch.cat([mask[:, :1], torch.ones_like(filler), mask[:, 1:]], 1)[
+            :, : mask.shape[1]].to(backbone.device)
+        self.use_mask = bool(getattr(enc.config, "use_attention_mask", False))
+        table = enc.get_input_embeddings().weight
+        start = torch.randint(0, table.shape[0], (len(prompts), tokens), generator=generator)
+        self.soft = table[start.to(table.device)].detach().clone().float().requires_grad_(True)
+
+    def __call__(self) -> torch.Tensor:
+        layer = self.encoder.get_input_embeddings()
+
+        def replace(module, inputs, output):
+            output = output.clone()
+            output[:, 1 : 1 + self.tokens] = self.soft.to(output.dtype)
+            return output
+
+        handle = layer.register_forward_hook(replace)
+        try:
+            out = self.encoder(self.input_ids,
+                               attention_mask=self.mask if self.use_mask else None)
+        finally:
+            handle.remove()
+        return out[0]
+
+
+class ParaphraseAttack:
+    name = "paraphrase"
+
+    def __init__(self, cases: int = 16, per_case: int = 8, seed: int = 0) -> None:
+        self.cases, self.per_case, self.seed = cases, per_case, seed
+
+    def settings(self) -> dict:
+        return {"cases": self.cases, "per_case": self.per_case, "seed": self.seed}
+
+    def attack(self, run) -> list[Attempt]:
+        chosen = attacked_cases(run, self.cases)
+        rng = random.Random(self.seed)
+        variants: list[tuple[int, str]] = []
+        for j, (_, case) in enumerate(chosen):
+            options = sorted(set(paraphrases(case.prompt, run.concept)) - {case.prompt})
+            rng.shuffle(options)
+            variants += [(j, text) for text in options[: self.per_case]]
+        if not variants:
+            return []
+        cases = [Case(text, chosen[j][1].seed, n, "attack") for n, (j, text) in
+                 enumerate(variants)]
+        drawn: Drawn = draw_cases(run.erased_model, cases, run.draw)
+        k = run.suite.images_per_prompt
+        attempts = []
+        for j, (_, case) in enumerate(chosen):
+            rows = [n for n, (owner, _) in enumerate(variants) if owner == j]
+            if rows:
+                images = np.concatenate([drawn.images[n * k : (n + 1) * k] for n in rows])
+                attempts.append(Attempt(case, images, [variants[n][1] for n in rows]))
+        return attempts
+
+
+def paraphrases(prompt: str, concept: str) -> list[str]:
+    """Rewordings of ``prompt`` that still ask for ``concept``: each of its synonyms in place of
+    the words used, and (toy world) the same content in every held-out template."""
+    words = synonyms(concept)
+    used = next((w for w in sorted(words, key=len, reverse=True)
+                 if re.search(re.escape(w), prompt, re.IGNORECASE)), None)
+    out = []
+    if used is not None:
+        for word in words:
+            out.append(re.sub(re.escape(used), word, prompt, flags=re.IGNORECASE))
+    out += _toy_rephrasings(prompt, concept)
+    return list(dict.fromkeys(out))
+
+
+def synonyms(concept: str) -> list[str]:
+    from conceptctl.toy.world import COLOR_WORDS, OBJECT_WORDS, STYLE_WORDS
+
+    for table in (STYLE_WORDS, OBJECT_WORDS, COLOR_WORDS):
+        for value, words in table.items():
+            if concept.strip().lower() in {w.lower() for w in words} | {value}:
+                return list(words) + [w.lower() for w in words if w.lower() not in words]
+    base = concept.strip()
+    return list(dict.fromkeys([base, base.lower(), base.title()]))
+
+
+def _toy_rephrasings(prompt: str, concept: str) -> list[str]:
+    """Held-out-template versions of a toy prompt (same object, colour and style)."""
+    from conceptctl.toy.world import (
+        COLOR_WORDS,
+        HELDOUT_ARTIST_TEMPLATES,
+        HELDOUT_PLAIN_TEMPLATES,
+        OBJECT_WORDS,
+        STYLE_WORDS,
+        _fix_articles,
+    )
+
+    lower = prompt.lower()
+
+    def find(table):
+        hits = [(len(w), v) for v, ws in table.items() for w in ws if w.lower() in lower]
+        return max(hits)[1] if hits else None
+
+    obj, color, style = find(OBJECT_WORDS), find(COLOR_WORDS), find(STYLE_WORDS)
+    if obj is None or color is None:
+        return []
+    templates = HELDOUT_ARTIST_TEMPLATES if style else HELDOUT_PLAIN_TEMPLATES
+    out = []
+    for template in templates:
+        for artist in STYLE_WORDS[style] if style else ("",):
+            for color_word in COLOR_WORDS[color]:
+                for obj_word in OBJECT_WORDS[obj]:
+                    out.append(_fix_articles(" ".join(template.format(
+                        color=color_word, object=obj_word, artist=artist).split())))
+    return out

@@ -1,0 +1,60 @@
+"""``evaluate A B C --compare``: one table, a column per artifact (e.g. doco vs ca vs esd-x)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from conceptctl.evaluation.metrics import format_value
+from conceptctl.fileio import write_json
+
+
+def compare_rows(results: list[dict], names: list[str] | None = None):
+    names = names or [f"{r['artifact']['method']}: {Path(r['artifact']['path']).name}"
+                      for r in results]
+    keys: list[tuple[str, str, str]] = []
+    for r in results:
+        for m in r["metrics"]:
+            key = (m["metric"], m["group"], m["direction"])
+            if key not in keys:
+                keys.append(key)
+    rows = []
+    for metric, group, direction in keys:
+        cells = []
+        for r in results:
+            found = [m for m in r["metrics"] if (m["metric"], m["group"]) == (metric, group)]
+            cells.append(format_value(found[0]["value"], found[0].get("unit", "share"))
+                         if found else "-")
+        rows.append([metric, group, direction, *cells])
+    attacks = list(dict.fromkeys(a["attack"] for r in results for a in r["attacks"]))
+    for attack in attacks:
+        for field, label in (("success_rate", f"attack {attack}"),
+                             ("no_attack_rate", f"no attack ({attack} prompts)")):
+            cells = []
+            for r in results:
+                found = [a for a in r["attacks"] if a["attack"] == attack]
+                cells.append(format_value(found[0][field]) if found else "-")
+            rows.append([label, "target", "lower", *cells])
+    rows.append(["verdict", "", "", *[r["verdict"]["status"] for r in results]])
+    return ["metric", "group", "better", *names], rows
+
+
+def write_compare(folder: Path, results: list[dict], names: list[str]) -> None:
+    header, rows = compare_rows(results, names)
+    write_json(folder / "compare.json", {"artifacts": names, "header": header, "rows": rows,
+                                         "reports": [f"{n}/report.json" for n in names]})
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+           "<title>conceptctl comparison</title><style>body{font-family:system-ui,sans-serif;"
+           "margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+           "padding:4px 8px}</style></head><body><h1>Comparison</h1><table><tr>"]
+    out += [f"<th>{html.escape(h)}</th>" for h in header[:3]]
+    out += [f"<th><a href='{html.escape(n)}/report.html'>{html.escape(n)}</a></th>"
+            for n in names]
+    out.append("</tr>")
+    for row in rows:
+        out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
+    out.append("</table><ul>")
+    out += [f"<li><b>{html.escape(n)}</b>: {html.escape(r['verdict']['text'])}</li>"
+            for n, r in zip(names, results, strict=True)]
+    out.append("</ul></body></html>")
+    (folder / "compare.html").write_text("\n".join(out), encoding="utf-8")

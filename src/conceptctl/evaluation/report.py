@@ -1,0 +1,187 @@
+"""The evaluation report folder: ``report.json`` (every number), ``report.html`` (one
+self-contained page: verdict, chart, grids) and the pictures it was computed from.
+
+    report.json
+    report.html
+    images/<group>/<case>-<k>-original.png, ...-erased.png
+    attacks/<attack>/<case>-<j>.png
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from conceptctl.fileio import atomic_directory, write_json
+
+GRID_ROWS = 12  # cases shown per group in the HTML page (all are saved as files)
+
+
+def image_name(case, k: int, model: str) -> str:
+    return f"{case.case_number:04d}-{k}-{model}.png"
+
+
+def write_report(out_dir: Path, result: dict, run, overwrite: bool = False) -> Path:
+    k = run.suite.images_per_prompt
+    attempts_per_attack = result.pop("_attack_images")
+    records = []
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+        for i, case in enumerate(run.cases_of):
+            j = i % k
+            folder = staging / "images" / case.group
+            folder.mkdir(parents=True, exist_ok=True)
+            entry = {"group": case.group, "case_number": case.case_number,
+                     "prompt": case.prompt, "seed": case.seed + j, "index": j}
+            for model, judged in (("original", run.original), ("erased", run.erased)):
+                name = image_name(case, j, model)
+                Image.fromarray(judged.images[i]).save(folder / name)
+                entry[model] = {"file": f"images/{case.group}/{name}",
+                                "labels": None if judged.labels is None else judged.labels[i]}
+            records.append(entry)
+        for summary, attempts in zip(result["attacks"], attempts_per_attack, strict=True):
+            folder = staging / "attacks" / summary["attack"]
+            for row, attempt in zip(summary["rows"], attempts, strict=True):
+                folder.mkdir(parents=True, exist_ok=True)
+                row["files"] = []
+                for j, picture in enumerate(attempt.images):
+                    name = f"{attempt.case.case_number:04d}-{j}.png"
+                    Image.fromarray(picture).save(folder / name)
+                    row["files"].append(f"attacks/{summary['attack']}/{name}")
+        result = {**result, "images": records}
+        write_json(staging / "report.json", result)
+        (staging / "report.html").write_text(render_html(result, run, attempts_per_attack),
+                                             encoding="utf-8")
+    return out_dir
+
+
+def _png_data(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _group_grid(run, group: str) -> tuple[Image.Image, list[str]] | None:
+    """Rows: cases; columns: original pictures | gap | erased pictures."""
+    k = run.suite.images_per_prompt
+    idx = run.indices(group)
+    if not idx:
+        return None
+    cases = list(dict.fromkeys(i // k for i in idx))[:GRID_ROWS]
+    h, w = run.original.images.shape[1:3]
+    gap = max(4, w // 8)
+    grid = Image.new("RGB", (2 * k * w + gap, len(cases) * h), "white")
+    prompts = []
+    for r, c in enumerate(cases):
+        for j in range(k):
+            grid.paste(Image.fromarray(run.original.images[c * k + j]), (j * w, r * h))
+            grid.paste(Image.fromarray(run.erased.images[c * k + j]),
+                       (k * w + gap + j * w, r * h))
+        prompts.append(run.suite.cases[c].prompt)
+    return grid, prompts
+
+
+def _shown_width(grid: Image.Image) -> int:
+    """Pixels doubled for legibility, never wider than the page column."""
+    return min(640, 2 * grid.width)
+
+
+def _chart(metrics: list[dict]) -> str:
+    """An inline SVG bar chart of the share-valued metrics (0..1)."""
+    rows = [m for m in metrics if m["value"] is not None
+            and m["metric"] in ("erasure", "preservation", "retention")]
+    if not rows:
+        return "<p>No share-valued metric could be measured.</p>"
+    bar_h, label_w, width = 22, 260, 360
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 60}" '
+             f'height="{bar_h * len(rows) + 24}" role="img" aria-label="metrics chart">']
+    x90 = label_w + 0.9 * width
+    for n, m in enumerate(rows):
+        y = n * bar_h + 4
+        value = max(0.0, min(1.0, m["value"]))
+        ok = value >= 0.9
+        parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" '
+                     f'font-size="12">{html.escape(m["metric"])} · '
+                     f'{html.escape(m["group"])}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{value * width:.1f}" '
+                     f'height="{bar_h - 6}" fill="{"#2e7d32" if ok else "#c62828"}"/>')
+        parts.append(f'<text x="{label_w + value * width + 4:.1f}" y="{y + 13}" '
+                     f'font-size="12">{m["value"]:.1%}</text>')
+    parts.append(f'<line x1="{x90:.1f}" x2="{x90:.1f}" y1="0" y2="{bar_h * len(rows) + 4}" '
+                 'stroke="#333" stroke-dasharray="4 3"/>')
+    parts.append(f'<text x="{x90:.1f}" y="{bar_h * len(rows) + 18}" font-size="11" '
+                 'text-anchor="middle">90 %</text></svg>')
+    return "".join(parts)
+
+
+def _fmt(value, unit: str = "share") -> str:
+    from conceptctl.evaluation.metrics import format_value
+
+    return format_value(value, unit, missing="–")
+
+
+def render_html(result: dict, run, attempts_per_attack) -> str:
+    art, verdict = result["artifact"], result["verdict"]
+    title = f"{art['concept']} → {art['anchor']} ({art['method']}) on {result['backbone']}"
+    colour = {"worked": "#2e7d32", "unknown": "#555"}.get(verdict["status"], "#c62828")
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+           f"<title>conceptctl evaluation: {html.escape(title)}</title><style>",
+           "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}",
+           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;",
+           "padding:4px 8px;text-align:left}img.grid{image-rendering:pixelated;",
+           "border:1px solid #ccc;max-width:100%;height:auto}.verdict{padding:1em;color:white;",
+           f"background:{colour};border-radius:6px;font-size:1.1em}}",
+           "figure{margin:1em 0}figcaption{font-size:.9em;color:#555}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>",
+           f"<p class='verdict' id='verdict'>{html.escape(verdict['text'])}</p>",
+           "<h2>Metrics</h2>", _chart(result["metrics"]),
+           "<table><tr><th>metric</th><th>group</th><th>value</th><th>better</th>"
+           "<th>pictures</th><th>details</th></tr>"]
+    for m in result["metrics"]:
+        unit = m.get("unit", "share")
+        details = ", ".join(f"{k} {_fmt(v, unit) if isinstance(v, float) else v}"
+                            for k, v in m["details"].items()) or html.escape(m["note"])
+        out.append(f"<tr><td>{m['metric']}</td><td>{html.escape(m['group'])}</td>"
+                   f"<td>{_fmt(m['value'], unit)}</td><td>{m['direction']}</td>"
+                   f"<td>{m['images']}</td><td>{html.escape(details)}</td></tr>")
+    out.append("</table><h2>Robustness</h2><table><tr><th>attack</th><th>target prompts</th>"
+               "<th>concept back (attack)</th><th>concept shown (no attack)</th></tr>")
+    for a in result["attacks"]:
+        out.append(f"<tr><td>{a['attack']}</td><td>{a['cases']}</td>"
+                   f"<td>{_fmt(a['success_rate'])}</td>"
+                   f"<td>{_fmt(a['no_attack_rate'])}</td></tr>")
+    out.append("</table><h2>Pictures: original (left) and erased (right), same seeds</h2>")
+    for group in run.suite.groups():
+        made = _group_grid(run, group)
+        if made is None:
+            continue
+        grid, prompts = made
+        shown = min(len(prompts), GRID_ROWS)
+        out.append(f"<figure><h3>{html.escape(group)}</h3><img class='grid' alt='{group} grid' "
+                   f"width='{_shown_width(grid)}' "
+                   f"src='{_png_data(grid)}'><figcaption>rows: "
+                   + "; ".join(html.escape(p) for p in prompts[:shown]) + "</figcaption></figure>")
+    for summary, attempts in zip(result["attacks"], attempts_per_attack, strict=True):
+        if not attempts:
+            continue
+        h, w = attempts[0].images.shape[1:3]
+        cols = max(len(a.images) for a in attempts)
+        rows = attempts[:GRID_ROWS]
+        grid = Image.new("RGB", (cols * w, len(rows) * h), "white")
+        for r, attempt in enumerate(rows):
+            for c, picture in enumerate(attempt.images):
+                grid.paste(Image.fromarray(np.asarray(picture)), (c * w, r * h))
+        out.append(f"<figure><h3>attack: {html.escape(summary['attack'])}</h3>"
+                   f"<img class='grid' alt='attack grid' width='{_shown_width(grid)}' "
+                   f"src='{_png_data(grid)}'>"
+                   "<figcaption>erased model under attack, one row per target prompt"
+                   "</figcaption></figure>")
+    out.append("<h2>Reproduce</h2><pre>" + html.escape(json.dumps(
+        {k: result[k] for k in ("suite", "draw", "detector", "versions")}, indent=2))
+        + "</pre></body></html>")
+    return "\n".join(out)

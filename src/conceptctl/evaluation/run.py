@@ -1,0 +1,321 @@
+"""``evaluate()``: one artifact from prompts to report, as a library function.
+
+Order: resolve every component (fail before work), load the original and the erased model (the
+artifact's base hash checked), build the suite, draw every case with both models from the same
+seeds, judge, score, attack, then write the report folder atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from conceptctl.errors import UsageError
+from conceptctl.evaluation.cases import Case, Suite, read_prompt_csv
+from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
+from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases
+from conceptctl.fingerprint import file_sha256
+from conceptctl.registry import get_registry
+
+DEFAULT_ATTACKS = ("embedding", "paraphrase")
+PASS_THRESHOLD = 0.9  # the verdict's bar for erasure success and preservation
+
+
+@dataclass
+class EvalOptions:
+    prompts: Path | None = None  # a CSV; None: the backbone's built-in suite
+    suite: str | None = None
+    detector: str | None = None
+    # --detector-option KEY=VALUE pairs, handed to the detector's factory as strings.
+    detector_options: dict[str, str] = field(default_factory=dict)
+    metrics: tuple[str, ...] | None = None  # None: every registered metric
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
+    attack_cases: int = 16
+    images_per_prompt: int = 2
+    seed: int = 20_000
+    steps: int | None = None
+    guidance: float | None = None
+    batch_size: int = 32
+    backbone: str | None = None  # override the artifact's base (checked by hash)
+    force: bool = False
+    device: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class Reporter:
+    message: Callable[[str], None] = lambda text: None
+    progress: Callable[[str, int, int], None] = lambda stage, done, total: None
+
+
+@dataclass
+class Judged:
+    images: np.ndarray
+    latents: torch.Tensor
+    labels: list[dict] | None
+
+
+@dataclass
+class EvalRun:
+    """What metrics and attacks see. Image ``i`` is image ``i % k`` of case ``i // k``."""
+
+    suite: Suite
+    concept: str
+    anchor: str
+    concept_type: str
+    manifest: dict
+    detector: object | None
+    original: Judged
+    erased: Judged
+    original_model: object
+    erased_model: object
+    draw: DrawSettings
+    no_detector_note: str = ""
+    cases_of: list[Case] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        k = self.suite.images_per_prompt
+        self.cases_of = [c for c in self.suite.cases for _ in range(k)]
+
+    def indices(self, group: str) -> list[int]:
+        return [i for i, c in enumerate(self.cases_of) if c.group == group]
+
+
+def check_options(opts: EvalOptions) -> None:
+    """Unknown names and impossible values fail here, before any model is loaded."""
+    if opts.images_per_prompt < 1:
+        raise UsageError("--images-per-prompt must be at least 1")
+    if opts.attack_cases < 1:
+        raise UsageError("--attack-cases must be at least 1")
+    for name in opts.metrics or ():
+        get_registry("metric").entry(name)
+    for name in opts.attacks:
+        get_registry("attack").entry(name)
+    if opts.detector:
+        get_registry("detector").entry(opts.detector)
+    if DETECTOR_CONTEXT in opts.detector_options:
+        raise UsageError(f"--detector-option {DETECTOR_CONTEXT}=... is reserved: conceptctl "
+                         "fills it with the artifact's concept, anchor and device")
+    if opts.suite:
+        get_registry("suite").entry(opts.suite)
+    if opts.prompts is not None and opts.suite:
+        raise UsageError("give --prompts or --suite, not both")
+
+
+class OriginalCache:
+    """Original-model pictures shared by the artifacts of one ``--compare`` run when base,
+    cases and draw settings are the same."""
+
+    def __init__(self) -> None:
+        self._store: dict[str, tuple[object, Drawn]] = {}
+
+    def get(self, key: str):
+        return self._store.get(key)
+
+    def put(self, key: str, model, drawn: Drawn) -> None:
+        self._store[key] = (model, drawn)
+
+
+def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = None,
+             originals: OriginalCache | None = None) -> tuple[dict, EvalRun]:
+    """Evaluate one artifact; returns (report dict, the run with its pictures)."""
+    from conceptctl.backbones.loading import open_backbone
+    from conceptctl.erasure.artifact import apply_artifact, read_artifact
+    from conceptctl.sampling import SampleSettings, library_versions
+
+    report = reporter or Reporter()
+    started = time.time()
+    check_options(opts)
+    # A malformed prompt file fails before any model is loaded.
+    file_suite = (read_prompt_csv(opts.prompts, opts.images_per_prompt)
+                  if opts.prompts is not None else None)
+    artifact = read_artifact(artifact_dir)
+    manifest = artifact.manifest
+    backbone_name = opts.backbone or manifest["base"]["name"]
+
+    erased_model = open_backbone(backbone_name, device=opts.device, dtype=opts.dtype)
+    notes = apply_artifact(erased_model, artifact, force=opts.force)
+    for note in notes:
+        report.message(f"warning: {note}")
+    spec = erased_model.spec
+
+    suite = file_suite or _suite(opts, spec, manifest)
+    detector, no_detector = _detector(opts, spec, manifest, erased_model)
+    defaults = SampleSettings(prompts=("x",), steps=opts.steps,
+                              guidance=opts.guidance).for_backbone(erased_model)
+    draw = DrawSettings(opts.images_per_prompt, defaults.steps, defaults.guidance,
+                        opts.batch_size)
+    total = len(suite.cases) * draw.images_per_prompt * draw.steps
+
+    def progress(stage):
+        done = 0
+
+        def step(n):
+            nonlocal done
+            done += n
+            report.progress(stage, done, total)
+        return step
+
+    key = _original_key(manifest, backbone_name, suite, draw)
+    cached = originals.get(key) if originals is not None else None
+    t0 = time.time()
+    if cached is None:
+        original_model = open_backbone(backbone_name, device=opts.device, dtype=opts.dtype)
+        original = draw_cases(original_model, suite.cases, draw, progress("original model"))
+        if originals is not None:
+            originals.put(key, original_model, original)
+    else:
+        original_model, original = cached
+        report.message("reused the original model's pictures")
+    erased = draw_cases(erased_model, suite.cases, draw, progress("erased model"))
+    draw_seconds = time.time() - t0
+
+    labels = (None, None) if detector is None else (detector.judge(original.images),
+                                                    detector.judge(erased.images))
+    run = EvalRun(suite, manifest["concept"], manifest["anchor"], manifest["concept_type"],
+                  manifest, detector, Judged(original.images, original.latents, labels[0]),
+                  Judged(erased.images, erased.latents, labels[1]), original_model,
+                  erased_model, draw, no_detector_note=no_detector)
+
+    scores = []
+    for entry in _metrics(opts):
+        scores += entry.value.build().compute(run)
+    t0 = time.time()
+    attacks = [_attack(run, name, opts, report) for name in opts.attacks]
+    attack_seconds = time.time() - t0
+
+    result = {
+        "format_version": 1,
+        "artifact": {"path": str(Path(artifact_dir).resolve()), "concept": run.concept,
+                     "anchor": run.anchor, "concept_type": run.concept_type,
+                     "method": manifest["method"], "base": manifest["base"],
+                     "weights_sha256": file_sha256(Path(artifact_dir) / "weights.safetensors"),
+                     "forced": bool(notes)},
+        "backbone": backbone_name,
+        "suite": {"name": suite.name, "source": suite.source, "cases": len(suite.cases),
+                  "groups": {g: len(suite.group(g)) for g in suite.groups()},
+                  "images_per_prompt": suite.images_per_prompt},
+        "draw": {"steps": draw.steps, "guidance": draw.guidance,
+                 "images_per_prompt": draw.images_per_prompt, "seed_rule": "case seed + k"},
+        "detector": detector.info() if detector else None,
+        "metrics": [s.as_dict() for s in scores],
+        "attacks": [a["summary"] for a in attacks],
+        "verdict": verdict(scores, [a["summary"] for a in attacks], detector is not None),
+        "seconds": {"drawing": round(draw_seconds, 1), "attacks": round(attack_seconds, 1),
+                    "total": round(time.time() - started, 1)},
+        "versions": library_versions(),
+        "options": {k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in vars(opts).items()},
+    }
+    result["_attack_images"] = [a["attempts"] for a in attacks]  # for the report writer
+    return result, run
+
+
+def _suite(opts: EvalOptions, spec, manifest: dict) -> Suite:
+    name = opts.suite or spec.eval_suite or "templates"
+    return get_registry("suite").get(name).build(
+        manifest=manifest, images_per_prompt=opts.images_per_prompt, seed=opts.seed)
+
+
+def _detector(opts: EvalOptions, spec, manifest: dict, model):
+    name = opts.detector or spec.detector
+    if name is None:
+        if opts.detector_options:
+            raise UsageError("--detector-option given but no detector is used",
+                             hint="pass --detector NAME as well")
+        return None, (f"no detector for backbone {spec.name}: pass --detector NAME "
+                      "(see 'conceptctl plugins')")
+    context = {"concept": manifest["concept"], "anchor": manifest["anchor"],
+               "concept_type": manifest["concept_type"], "device": str(model.device)}
+    options = {**opts.detector_options, DETECTOR_CONTEXT: context}
+    return get_registry("detector").get(name).build(options=options), ""
+
+
+def _metrics(opts: EvalOptions):
+    registry = get_registry("metric")
+    names = opts.metrics if opts.metrics is not None else registry.names()
+    return [registry.entry(n) for n in names]
+
+
+def _attack(run: EvalRun, name: str, opts: EvalOptions, report: Reporter) -> dict:
+    attack = get_registry("attack").get(name).build(options={"cases": opts.attack_cases})
+    t0 = time.time()
+    attempts = attack.attack(run)
+    k = run.suite.images_per_prompt
+    index = {id(c): i for i, c in enumerate(run.suite.cases)}
+    rows, hits, baseline = [], 0, 0
+    for attempt in attempts:
+        shown = None
+        if run.detector is not None:
+            verdicts = [run.detector.shows(lab, run.concept)
+                        for lab in run.detector.judge(attempt.images)]
+            shown = any(bool(v) for v in verdicts)
+            i = index[id(attempt.case)]
+            before = [run.detector.shows(run.erased.labels[j], run.concept)
+                      for j in range(i * k, (i + 1) * k)]
+            baseline += any(bool(v) for v in before)
+            hits += shown
+        rows.append({"case_number": attempt.case.case_number, "group": attempt.case.group,
+                     "prompt": attempt.case.prompt, "attacked_prompts": attempt.prompts,
+                     "concept_shown": shown})
+    n = len(attempts)
+    report.message(f"attack {name}: {n} target case(s)")
+    measured = run.detector is not None and n > 0
+    summary = {"attack": name, "settings": attack.settings(), "cases": n,
+               "success_rate": hits / n if measured else None,
+               "no_attack_rate": baseline / n if measured else None,
+               "seconds": round(time.time() - t0, 1), "rows": rows,
+               "note": "" if measured else (run.no_detector_note or "no target cases")}
+    return {"summary": summary, "attempts": attempts}
+
+
+def verdict(scores, attacks, has_detector: bool) -> dict:
+    """A plain answer: did the concept go, and did the rest stay?"""
+    if not has_detector:
+        return {"status": "unknown", "text": "No detector judged the pictures, so conceptctl "
+                "cannot say whether erasure worked; look at the grids, or pass --detector."}
+    erasure = {s.group: s.value for s in scores if s.metric == "erasure" and s.value is not None}
+    kept = {s.group: s.value for s in scores if s.metric == "preservation"
+            and s.value is not None and ":" not in s.group}
+    gone = bool(erasure) and all(v >= PASS_THRESHOLD for v in erasure.values())
+    stayed = all(v >= PASS_THRESHOLD for v in kept.values())
+    parts = [f"erasure success {_pct(erasure.get('target'))} in-set, "
+             f"{_pct(erasure.get('target-oos'))} out-of-set"]
+    if kept:
+        worst = min(kept, key=kept.get)
+        parts.append(f"worst preservation {_pct(kept[worst])} ({worst})")
+    for a in attacks:
+        if a["success_rate"] is not None:
+            parts.append(f"{a['attack']} attack brings it back in {_pct(a['success_rate'])} "
+                         f"of target prompts (no attack: {_pct(a['no_attack_rate'])})")
+    if gone and not kept:
+        status, head = "erased", "The concept is gone; preservation was not measured."
+    elif gone and stayed:
+        status, head = "worked", "Yes: the concept is gone and the rest is kept."
+    elif gone:
+        status, head = "collateral", "Partly: the concept is gone, but related concepts suffered."
+    elif stayed:
+        status, head = "incomplete", "No: the concept still shows too often."
+    else:
+        status, head = "failed", "No: the concept still shows and related concepts suffered."
+    return {"status": status, "text": f"{head} ({'; '.join(parts)}; bar {PASS_THRESHOLD:.0%})",
+            "threshold": PASS_THRESHOLD}
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def _original_key(manifest: dict, backbone: str, suite: Suite, draw: DrawSettings) -> str:
+    import json
+
+    blob = json.dumps({"base": manifest["base"]["tensors_digest"], "backbone": backbone,
+                       "cases": [(c.prompt, c.seed) for c in suite.cases],
+                       "draw": vars(draw)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,58 @@
+"""The erased model as a complete diffusers pipeline folder, loadable without conceptctl.
+
+``save_pretrained`` writes every part (UNet with the artifact applied, VAE, text encoder,
+tokenizer, scheduler) and ``model_index.json``; the folder then gets a model card, the erasure's
+record (``conceptctl.json``) and the record in the header of every weights file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conceptctl.export.metadata import model_card, stamp_safetensors
+from conceptctl.fileio import make_shareable, write_json
+
+
+def how_to_load(job) -> str:
+    pipeline = job.backbone.pipeline
+    cls = type(pipeline).__name__
+    text_encoder = type(job.backbone.text_encoder).__name__
+    lines = ["```python",
+             f"from diffusers import {cls}",
+             "",
+             f'pipe = {cls}.from_pretrained("PATH/TO/THIS/FOLDER")',
+             'image = pipe("a prompt").images[0]',
+             "```"]
+    if text_encoder != "CLIPTextModel":
+        # Honest about what happens: diffusers builds each part from the class model_index.json
+        # names, so a non-CLIP encoder loads, with a type warning, and works.
+        lines += ["",
+                  f"The text encoder is a transformers `{text_encoder}`, not CLIP: "
+                  f"`{cls}.from_pretrained` builds it from the class `model_index.json` names "
+                  "and logs that it expected a `CLIPTextModel` (transformers may also report "
+                  "weights the pipeline never uses, such as a BERT pooler, as newly "
+                  "initialised); the pipeline only uses the encoder's last hidden states, so it "
+                  "works unchanged. Tools that expect an "
+                  "SD 1.x / 2.x checkpoint (Automatic1111, ComfyUI) cannot load this model."]
+    spec = job.backbone.spec
+    if spec.sample_steps or spec.sample_guidance is not None:
+        lines += ["",
+                  f"conceptctl samples this base with {spec.sample_steps} steps and guidance "
+                  f"{spec.sample_guidance}: pass `num_inference_steps={spec.sample_steps}, "
+                  f"guidance_scale={spec.sample_guidance}` for the same pictures."]
+    return "\n".join(lines)
+
+
+def export_diffusers(job, out: Path) -> dict[str, Any]:
+    job.backbone.pipeline.save_pretrained(out, safe_serialization=True)
+    weights = sorted(out.rglob("*.safetensors"))
+    for path in weights:
+        stamp_safetensors(path, job.metadata)
+    (out / "README.md").write_text(model_card(job.info, how_to_load(job)), encoding="utf-8")
+    write_json(out / "conceptctl.json", {**job.artifact.manifest, "export": job.info["export"]})
+    for path in out.rglob("*"):
+        if path.is_file():
+            make_shareable(path)
+    return {"weights_files": [str(p.relative_to(out)) for p in weights],
+            "text_encoder": type(job.backbone.text_encoder).__name__}
