@@ -131,3 +131,47 @@ def test_collectives_in_a_one_process_group(monkeypatch):
         assert group.broadcast_object({"a": 1}) == {"a": 1} and group.max(3.0) == 3.0
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_what_one_process_evaluates(cli, tiny_sd1, tmp_path):
+    """accelerate launch, 2 CPU processes: each draws its share of the pictures (an odd count,
+    so the shares differ) and of the attacked prompts; the report, written once, holds the
+    pictures of a one-process run."""
+    import numpy as np
+    from PIL import Image
+
+    from conceptctl.erasure.config import EraseConfig
+    from conceptctl.erasure.run import erase
+
+    art = tmp_path / "art"
+    erase(EraseConfig(concept="church", anchor="house", concept_type="object",
+                      backbone=str(tiny_sd1), steps=2, warmup=1, batch_size=2,
+                      anchor_images_per_prompt=1, anchor_steps=2, lr=1e-3, d_lr=1e-3), art)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,evaluation_seed,case_number,group\n"
+                       "a church,1,0,target\na church by a lake,2,1,target\n"
+                       "a red church,3,2,target\na house,4,3,anchor\na tree,5,4,general\n")
+    args = ["eval", str(art), "--prompts", str(prompts), "--steps", "2", "-n", "1",
+            "--batch-size", "2", "--attack-cases", "3", "--attacks", "embedding,paraphrase",
+            "--json"]
+    single = cli(*args, "-o", tmp_path / "one")
+    assert single.code == 0, single.err
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([*_launcher(), "-m", "conceptctl", *args, "-o", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"verdict"') == 1  # printed once, by the main process
+
+    one, two = (json.loads((tmp_path / k / "report.json").read_text()) for k in ("one", "two"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    files = [(r[m]["file"]) for r in one["images"] for m in ("original", "erased")]
+    files += [f for a in one["attacks"] for row in a["rows"] for f in row["files"]]
+    assert files == [r[m]["file"] for r in two["images"] for m in ("original", "erased")] + [
+        f for a in two["attacks"] for row in a["rows"] for f in row["files"]]
+    assert len(files) == 10 + 3 + sum(len(r["files"]) for r in one["attacks"][1]["rows"])
+    for name in files:
+        a, b = (np.asarray(Image.open(tmp_path / k / name), dtype=int) for k in ("one", "two"))
+        assert np.abs(a - b).max() <= 1, name  # batches differ: float rounding at most
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir())

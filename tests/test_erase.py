@@ -75,6 +75,26 @@ def test_artifact_applies_to_its_base_only(tiny_sd1, tmp_path):
     assert notes and notes[0].startswith("forced:")
 
 
+def test_artifact_applies_to_its_base_loaded_in_half_precision(tiny_sd1, tmp_path):
+    """Erase trains float32; sampling on a GPU loads the base in float16 (dtype auto): the base
+    is recognised in that dtype, and another base still is not."""
+    from conceptctl.testing import save_tiny_pipeline
+
+    erase(_config(tiny_sd1), tmp_path / "out")
+    artifact = read_artifact(tmp_path / "out")
+    assert set(artifact.base["tensors_digest_by_dtype"]) == {"float16", "bfloat16"}
+    for dtype in ("bfloat16", "float16"):
+        model = open_backbone(str(tiny_sd1), device="cpu", dtype=dtype)
+        assert apply_artifact(model, artifact) == []
+        params = dict(model.unet.named_parameters())
+        assert all(torch.equal(params[n], v.to(params[n].dtype))
+                   for n, v in artifact.weights.items())
+    other = open_backbone(str(save_tiny_pipeline(tmp_path / "other", "sd1", seed=1)),
+                          device="cpu", dtype="bfloat16")
+    with pytest.raises(BaseMismatchError, match="made from base"):
+        apply_artifact(other, artifact)
+
+
 def test_anchor_images_are_reused(tiny_sd1, tmp_path):
     first = erase(_config(tiny_sd1), tmp_path / "a")
     second = erase(_config(tiny_sd1, method="ca"), tmp_path / "b")

@@ -108,3 +108,20 @@ def test_bad_input(cli, tiny_sd1, tiny_sd2, tmp_path):
     assert not (tmp_path / "r2").exists()
     several = cli("eval", art, art)
     assert several.code != 0 and "several artifacts need --compare" in several.err
+
+
+@pytest.mark.parametrize("attack_rate, robust", [(0.0625, True), (1.0, False), (None, None)])
+def test_verdict_reports_robustness_beside_the_status(attack_rate, robust):
+    from conceptctl.evaluation.metrics import Score
+    from conceptctl.evaluation.run import verdict
+
+    scores = [Score("erasure", "target", 0.975, "higher"),
+              Score("erasure", "target-oos", 0.967, "higher"),
+              Score("preservation", "anchor", 0.967, "higher")]
+    attacks = [{"attack": "paraphrase", "success_rate": 0.0 if attack_rate else None,
+                "no_attack_rate": 0.0},
+               {"attack": "embedding", "success_rate": attack_rate, "no_attack_rate": 0.0625}]
+    result = verdict(scores, attacks, has_detector=True)
+    assert result["status"] == "worked" and result["robust"] is robust
+    assert ("not robust: the embedding attack brings it back in 100%" in result["text"]) is (
+        robust is False)

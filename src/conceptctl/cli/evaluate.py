@@ -111,6 +111,8 @@ def evaluate(
         out = output or next_free_dir(Path("evaluations") / artifacts[0].resolve().name)
     check_output_free(out, overwrite)
     results = _run(artifacts, opts, out, compare, overwrite)
+    if not results:
+        return  # another process of a data-parallel run: the main one reports
     if json_output:
         console.out.print_json(data=results if compare else results[0])
         return
@@ -156,8 +158,14 @@ def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
         cache = OriginalCache()
         if not compare:
             result, run = run_evaluate(artifacts[0], opts, reporter, cache)
+            if not run.dist.is_main:
+                return []
             write_report(out, result, run, overwrite=overwrite)
             return [result]
+        if not _main_process():
+            for path in artifacts:  # draw its share of every artifact's pictures; write nothing
+                run_evaluate(path, opts, reporter, cache)
+            return []
         with atomic_directory(out, overwrite=overwrite) as staging:
             names = _unique_names(artifacts)
             for path, name in zip(artifacts, names, strict=True):
@@ -171,6 +179,12 @@ def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
         if progress is not None:
             progress.stop()
     return results
+
+
+def _main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _unique_names(paths: list[Path]) -> list[str]:

@@ -129,9 +129,29 @@ def _read_delta(path: Path) -> Artifact:
     return Artifact(path, record, load_file(str(path)))
 
 
-def base_digest(unet: torch.nn.Module, names) -> str:
+# Dtypes a base may be loaded in to sample from an artifact trained in float32 (``--dtype auto``
+# is float16 on GPUs): the manifest records the base's digest as cast to each.
+SAMPLING_DTYPES = ("float16", "bfloat16")
+
+
+def base_digest(unet: torch.nn.Module, names, dtype: str | None = None) -> str:
+    """Digest of the base's ``names`` tensors, cast to ``dtype`` first if given."""
     params = dict(unet.named_parameters())
-    return tensor_digest((name, params[name]) for name in sorted(names))
+    cast = getattr(torch, dtype) if dtype else None
+    return tensor_digest((name, params[name] if cast is None else params[name].to(cast))
+                         for name in sorted(names))
+
+
+def base_digests_by_dtype(unet: torch.nn.Module, names) -> dict[str, str]:
+    """The base as it reads when loaded in each sampling dtype: casting the same float32 weights
+    rounds the same way whenever it happens, so a base loaded in float16 matches these."""
+    return {d: base_digest(unet, names, d) for d in SAMPLING_DTYPES}
+
+
+def _expected_digest(artifact: Artifact, dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    by_dtype = artifact.base.get("tensors_digest_by_dtype") or {}
+    return by_dtype.get(name, artifact.base["tensors_digest"])
 
 
 def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[str]:
@@ -150,8 +170,11 @@ def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[st
             f"{tuple(artifact.weights[wrong_shape[0]].shape)}, this backbone's has "
             f"{tuple(params[wrong_shape[0]].shape)}: it was made for "
             f"{artifact.base.get('name')}, a different architecture (--force cannot help)")
-    expected = artifact.base["tensors_digest"]
+    dtype = params[next(iter(artifact.weights))].dtype
     actual = base_digest(backbone.unet, artifact.weights)
+    expected = artifact.base["tensors_digest"]
+    if actual != expected:  # loaded in float16/bfloat16: compare with the base cast the same way
+        expected = _expected_digest(artifact, dtype)
     notes = []
     if actual != expected:
         what = "delta" if artifact.is_delta else "artifact"

@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 
 from conceptctl.erasure.anchors import CONCEPT_TYPES
-from conceptctl.erasure.artifact import FORMAT_VERSION, base_digest, write_artifact
+from conceptctl.erasure.artifact import (
+    FORMAT_VERSION,
+    base_digest,
+    base_digests_by_dtype,
+    write_artifact,
+)
 from conceptctl.erasure.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from conceptctl.erasure.config import EraseConfig
 from conceptctl.erasure.methods import Context, StepStats
@@ -270,7 +275,9 @@ def erase(
         empty_text=backbone.encode_prompts([""]).cpu(),
     )
 
-    base = base_digest(backbone.unet, select_parameters(backbone.unet, cfg.params))
+    trained_names = select_parameters(backbone.unet, cfg.params)
+    base = {"tensors_digest": base_digest(backbone.unet, trained_names),
+            "tensors_digest_by_dtype": base_digests_by_dtype(backbone.unet, trained_names)}
     training = prepare_training(backbone, cfg, dist=dist)
     params, state, precision = training.params, training.state, training.precision
 
@@ -397,8 +404,7 @@ def _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
         "anchor": cfg.anchor,
         "concept_type": cfg.concept_type,
         "method": cfg.method,
-        "base": {**backbone.describe(), "tensors_digest": base,
-                 "tensors": sorted(params)},
+        "base": {**backbone.describe(), **base, "tensors": sorted(params)},
         "components": {
             "method": _component_info("method", cfg.method),
             "discriminator": _component_info("discriminator", cfg.discriminator),

@@ -84,7 +84,10 @@ class EmbeddingAttack:
             optimizer.step()
         with torch.no_grad():
             states = encoder()
-        drawn = draw_embeddings(backbone, states, [c.seed for _, c in chosen], run.draw)
+        if run.dist.world > 1:  # GPUs may differ in the last bits: draw from the main's prompts
+            run.dist.broadcast_([states])
+        drawn = draw_embeddings(backbone, states, [c.seed for _, c in chosen], run.draw,
+                                dist=run.dist)
         return [Attempt(case, drawn.images[j * k : (j + 1) * k],
                         [f"<{self.tokens} learned tokens> {case.prompt}"])
                 for j, (_, case) in enumerate(chosen)]
@@ -151,7 +154,7 @@ class ParaphraseAttack:
             return []
         cases = [Case(text, chosen[j][1].seed, n, "attack") for n, (j, text) in
                  enumerate(variants)]
-        drawn: Drawn = draw_cases(run.erased_model, cases, run.draw)
+        drawn: Drawn = draw_cases(run.erased_model, cases, run.draw, dist=run.dist)
         k = run.suite.images_per_prompt
         attempts = []
         for j, (_, case) in enumerate(chosen):

@@ -3,6 +3,10 @@
 Image k of a case starts from the noise of ``case.seed + k`` whatever the batch, so the original
 and the erased model draw each case from the same noise and their pictures compare one to one.
 Latents are kept because the embedding attack learns from the original model's target latents.
+
+Under ``accelerate launch`` with several processes (``dist``), each process draws and decodes its
+contiguous share of the pictures and every process gets all of them back, in the same order: a
+picture's noise depends only on its case and index, so the result equals a one-process run.
 """
 
 from __future__ import annotations
@@ -41,23 +45,52 @@ def to_uint8(backbone, latents: torch.Tensor, batch_size: int = 64) -> np.ndarra
     return np.concatenate(out)
 
 
+def _gathered(backbone, mine: torch.Tensor, dist, total: int) -> Drawn:
+    """This process's latents decoded, then every process's share put together in order."""
+    mine = mine.cpu()
+    images = torch.from_numpy(to_uint8(backbone, mine)) if len(mine) else torch.empty(
+        (0, *_picture_shape(backbone)), dtype=torch.uint8)
+    if dist is None or dist.world == 1:
+        return Drawn(images.numpy(), mine)
+    sizes = dist.shares(total)
+    return Drawn(dist.gather(images, sizes).numpy(), dist.gather(mine.float(), sizes))
+
+
+def _picture_shape(backbone) -> tuple[int, int, int]:
+    return (backbone.resolution, backbone.resolution, 3)
+
+
 def draw_cases(backbone, cases: Sequence[Case], draw: DrawSettings,
-               on_step: Callable[[int], None] | None = None) -> Drawn:
+               on_step: Callable[[int], None] | None = None, dist=None) -> Drawn:
     settings = SampleSettings(
         prompts=tuple(c.prompt for c in cases), images_per_prompt=draw.images_per_prompt,
         steps=draw.steps, guidance=draw.guidance, batch_size=draw.batch_size,
         prompt_seeds=tuple(c.seed for c in cases))
-    latents = sample_latents(backbone, settings, on_step=on_step).cpu()
-    return Drawn(to_uint8(backbone, latents), latents)
+    total = len(cases) * draw.images_per_prompt
+    rows = dist.shard(total) if dist is not None else slice(0, total)
+    if rows.stop > rows.start:
+        latents = sample_latents(backbone, settings, on_step=on_step, rows=rows)
+    else:  # more processes than pictures
+        latents = torch.empty((0, *_latent_shape(backbone)))
+    return _gathered(backbone, latents, dist, total)
+
+
+def _latent_shape(backbone) -> tuple[int, int, int]:
+    side = backbone.resolution // backbone.vae_scale_factor
+    return (backbone.latent_channels, side, side)
 
 
 @torch.no_grad()
 def draw_embeddings(backbone, prompt_embeds: torch.Tensor, seeds: Sequence[int],
-                    draw: DrawSettings, on_step: Callable[[int], None] | None = None) -> Drawn:
+                    draw: DrawSettings, on_step: Callable[[int], None] | None = None,
+                    dist=None) -> Drawn:
     """Like :func:`draw_cases` for prompts given as text-encoder states (attacked prompts): row
     i of ``prompt_embeds`` is drawn ``images_per_prompt`` times from seeds ``seeds[i] + k``."""
     jobs = [(i, seeds[i] + k) for i in range(len(prompt_embeds))
             for k in range(draw.images_per_prompt)]
+    total = len(jobs)
+    if dist is not None:
+        jobs = jobs[dist.shard(total)]
     empty = backbone.encode_prompts([""])
     size = backbone.resolution
     chunks = []
@@ -78,5 +111,5 @@ def draw_embeddings(backbone, prompt_embeds: torch.Tensor, seeds: Sequence[int],
             guidance_scale=draw.guidance, output_type="latent",
             callback_on_step_end=step_done)
         chunks.append(result.images.cpu())
-    latents = torch.cat(chunks)
-    return Drawn(to_uint8(backbone, latents), latents)
+    latents = torch.cat(chunks) if chunks else torch.empty((0, *_latent_shape(backbone)))
+    return _gathered(backbone, latents, dist, total)

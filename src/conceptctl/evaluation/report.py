@@ -129,6 +129,8 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
     art, verdict = result["artifact"], result["verdict"]
     title = f"{art['concept']} → {art['anchor']} ({art['method']}) on {result['backbone']}"
     colour = {"worked": "#2e7d32", "unknown": "#555"}.get(verdict["status"], "#c62828")
+    if verdict["status"] in ("worked", "erased") and verdict.get("robust") is False:
+        colour = "#b35c00"  # erased, but an attack brings it back: a warning, not a pass
     out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
            f"<title>conceptctl evaluation: {html.escape(title)}</title><style>",
            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}",

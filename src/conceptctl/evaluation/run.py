@@ -78,8 +78,14 @@ class EvalRun:
     draw: DrawSettings
     no_detector_note: str = ""
     cases_of: list[Case] = field(default_factory=list)
+    # The processes drawing pictures (conceptctl.erasure.distributed); one unless launched by
+    # accelerate with several. Attacks pass it on to draw_cases / draw_embeddings.
+    dist: object = None
 
     def __post_init__(self) -> None:
+        from conceptctl.erasure.distributed import SingleProcess
+
+        self.dist = self.dist or SingleProcess()
         k = self.suite.images_per_prompt
         self.cases_of = [c for c in self.suite.cases for _ in range(k)]
 
@@ -126,12 +132,17 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
              originals: OriginalCache | None = None) -> tuple[dict, EvalRun]:
     """Evaluate one artifact; returns (report dict, the run with its pictures)."""
     from conceptctl.backbones.loading import open_backbone
+    from conceptctl.erasure import distributed
     from conceptctl.erasure.artifact import apply_artifact, read_artifact
     from conceptctl.sampling import SampleSettings, library_versions
+    from conceptctl.settings import load_settings, resolve_device
 
-    report = reporter or Reporter()
     started = time.time()
     check_options(opts)
+    # Under 'accelerate launch' with several processes each draws its share of the pictures;
+    # every process gets all of them back, and only the main one reports.
+    dist, device = distributed.setup(resolve_device(opts.device or load_settings().device))
+    report = (reporter or Reporter()) if dist.is_main else Reporter()
     # A malformed prompt file fails before any model is loaded.
     file_suite = (read_prompt_csv(opts.prompts, opts.images_per_prompt)
                   if opts.prompts is not None else None)
@@ -139,7 +150,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     manifest = artifact.manifest
     backbone_name = opts.backbone or manifest["base"]["name"]
 
-    erased_model = open_backbone(backbone_name, device=opts.device, dtype=opts.dtype)
+    erased_model = open_backbone(backbone_name, device=device, dtype=opts.dtype)
     notes = apply_artifact(erased_model, artifact, force=opts.force)
     for note in notes:
         report.message(f"warning: {note}")
@@ -151,7 +162,8 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
                               guidance=opts.guidance).for_backbone(erased_model)
     draw = DrawSettings(opts.images_per_prompt, defaults.steps, defaults.guidance,
                         opts.batch_size)
-    total = len(suite.cases) * draw.images_per_prompt * draw.steps
+    # This process's share of the pictures (all of them in a one-process run).
+    total = dist.shares(len(suite.cases) * draw.images_per_prompt)[dist.rank] * draw.steps
 
     def progress(stage):
         done = 0
@@ -166,14 +178,15 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     cached = originals.get(key) if originals is not None else None
     t0 = time.time()
     if cached is None:
-        original_model = open_backbone(backbone_name, device=opts.device, dtype=opts.dtype)
-        original = draw_cases(original_model, suite.cases, draw, progress("original model"))
+        original_model = open_backbone(backbone_name, device=device, dtype=opts.dtype)
+        original = draw_cases(original_model, suite.cases, draw, progress("original model"),
+                              dist=dist)
         if originals is not None:
             originals.put(key, original_model, original)
     else:
         original_model, original = cached
         report.message("reused the original model's pictures")
-    erased = draw_cases(erased_model, suite.cases, draw, progress("erased model"))
+    erased = draw_cases(erased_model, suite.cases, draw, progress("erased model"), dist=dist)
     draw_seconds = time.time() - t0
 
     labels = (None, None) if detector is None else (detector.judge(original.images),
@@ -181,7 +194,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     run = EvalRun(suite, manifest["concept"], manifest["anchor"], manifest["concept_type"],
                   manifest, detector, Judged(original.images, original.latents, labels[0]),
                   Judged(erased.images, erased.latents, labels[1]), original_model,
-                  erased_model, draw, no_detector_note=no_detector)
+                  erased_model, draw, no_detector_note=no_detector, dist=dist)
 
     scores = []
     for entry in _metrics(opts):
@@ -198,6 +211,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
                      "weights_sha256": file_sha256(Path(artifact_dir) / "weights.safetensors"),
                      "forced": bool(notes)},
         "backbone": backbone_name,
+        "processes": dist.world,
         "suite": {"name": suite.name, "source": suite.source, "cases": len(suite.cases),
                   "groups": {g: len(suite.group(g)) for g in suite.groups()},
                   "images_per_prompt": suite.images_per_prompt},
@@ -290,10 +304,13 @@ def verdict(scores, attacks, has_detector: bool) -> dict:
     if kept:
         worst = min(kept, key=kept.get)
         parts.append(f"worst preservation {_pct(kept[worst])} ({worst})")
-    for a in attacks:
-        if a["success_rate"] is not None:
-            parts.append(f"{a['attack']} attack brings it back in {_pct(a['success_rate'])} "
-                         f"of target prompts (no attack: {_pct(a['no_attack_rate'])})")
+    measured = [a for a in attacks if a["success_rate"] is not None]
+    for a in measured:
+        parts.append(f"{a['attack']} attack brings it back in {_pct(a['success_rate'])} "
+                     f"of target prompts (no attack: {_pct(a['no_attack_rate'])})")
+    # Robust: no attack brings the concept back more often than erasure lets it through.
+    worst = max(measured, key=lambda a: a["success_rate"], default=None)
+    robust = None if worst is None else worst["success_rate"] <= 1 - PASS_THRESHOLD
     if gone and not kept:
         status, head = "erased", "The concept is gone; preservation was not measured."
     elif gone and stayed:
@@ -304,8 +321,11 @@ def verdict(scores, attacks, has_detector: bool) -> dict:
         status, head = "incomplete", "No: the concept still shows too often."
     else:
         status, head = "failed", "No: the concept still shows and related concepts suffered."
+    if gone and robust is False:
+        head += (f" It is not robust: the {worst['attack']} attack brings it back in "
+                 f"{_pct(worst['success_rate'])} of target prompts.")
     return {"status": status, "text": f"{head} ({'; '.join(parts)}; bar {PASS_THRESHOLD:.0%})",
-            "threshold": PASS_THRESHOLD}
+            "threshold": PASS_THRESHOLD, "robust": robust}
 
 
 def _pct(value) -> str:
