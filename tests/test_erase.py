@@ -93,6 +93,10 @@ def test_artifact_applies_to_its_base_loaded_in_half_precision(tiny_sd1, tmp_pat
                           device="cpu", dtype="bfloat16")
     with pytest.raises(BaseMismatchError, match="made from base"):
         apply_artifact(other, artifact)
+    del artifact.manifest["base"]["tensors_digest_by_dtype"]  # an older artifact
+    with pytest.raises(BaseMismatchError) as older:
+        apply_artifact(open_backbone(str(tiny_sd1), device="cpu", dtype="bfloat16"), artifact)
+    assert "--dtype float32" in older.value.hint
 
 
 def test_anchor_images_are_reused(tiny_sd1, tmp_path):

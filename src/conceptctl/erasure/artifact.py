@@ -181,8 +181,11 @@ def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[st
         message = (f"the {what} was made from base {artifact.base.get('name')} ({expected}) "
                    f"but this backbone ({backbone.spec.name}) has {actual}")
         if not force:
-            raise BaseMismatchError(message, hint="load the base it was made from, or pass "
-                                    "--force to apply it anyway")
+            hint = "load the base it was made from, or pass --force to apply it anyway"
+            if dtype != torch.float32 and not artifact.base.get("tensors_digest_by_dtype"):
+                # Artifacts written before the per-dtype digests can only be checked in float32.
+                hint = "this artifact records its base in float32 only: pass --dtype float32"
+            raise BaseMismatchError(message, hint=hint)
         notes.append(f"forced: {message}")
     with torch.no_grad():
         for name, value in artifact.weights.items():
