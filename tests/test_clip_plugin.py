@@ -186,8 +186,8 @@ def test_metric_per_group_with_the_clip_detector(plugin, tiny_clip, monkeypatch)
 def test_installed_clip_plugin_evaluates_a_tiny_artifact(tmp_path, tiny_sd1, tiny_clip, plugin):
     from PIL import Image
 
-    from conceptctl.erasure.config import EraseConfig
     from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
 
     _, metric, model = plugin
 
@@ -211,9 +211,7 @@ def test_installed_clip_plugin_evaluates_a_tiny_artifact(tmp_path, tiny_sd1, tin
     assert entry["registers"] == {"detector": ["clip"], "metric": ["clip-score"]}
 
     art = tmp_path / "art"
-    erase(EraseConfig(concept="church", anchor="house", concept_type="object",
-                      backbone=str(tiny_sd1), steps=2, warmup=1, batch_size=2,
-                      anchor_images_per_prompt=1, anchor_steps=2, lr=1e-3, d_lr=1e-3), art)
+    erase(tiny_erase_config(tiny_sd1, steps=2), art)
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt,evaluation_seed,case_number,group\n"
                        "a photo of a church,1,0,target\n"

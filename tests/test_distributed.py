@@ -141,13 +141,11 @@ def test_two_processes_evaluate_what_one_process_evaluates(cli, tiny_sd1, tmp_pa
     import numpy as np
     from PIL import Image
 
-    from conceptctl.erasure.config import EraseConfig
     from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
 
     art = tmp_path / "art"
-    erase(EraseConfig(concept="church", anchor="house", concept_type="object",
-                      backbone=str(tiny_sd1), steps=2, warmup=1, batch_size=2,
-                      anchor_images_per_prompt=1, anchor_steps=2, lr=1e-3, d_lr=1e-3), art)
+    erase(tiny_erase_config(tiny_sd1, steps=2), art)
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("prompt,evaluation_seed,case_number,group\n"
                        "a church,1,0,target\na church by a lake,2,1,target\n"

@@ -13,17 +13,9 @@ import torch
 
 from conceptctl.backbones.loading import open_backbone
 from conceptctl.erasure.artifact import BaseMismatchError, apply_artifact, read_artifact
-from conceptctl.erasure.config import EraseConfig
 from conceptctl.erasure.params import select_parameters
 from conceptctl.erasure.run import erase
-
-
-def _config(backbone, **overrides):
-    settings = dict(concept="church", anchor="house", concept_type="object",
-                    backbone=str(backbone), steps=4, warmup=1, batch_size=2,
-                    anchor_images_per_prompt=1, anchor_steps=2, checkpointing_steps=2,
-                    lr=1e-3, d_lr=1e-3)
-    return EraseConfig(**{**settings, **overrides})
+from conceptctl.testing import tiny_erase_config
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sd2"])
@@ -32,7 +24,7 @@ def test_only_the_chosen_parameters_change(request, tmp_path, fixture, method):
     base = request.getfixturevalue(fixture)
     before = {k: v.clone() for k, v in open_backbone(str(base), device="cpu").unet.state_dict()
               .items()}
-    erase(_config(base, method=method), tmp_path / "out")
+    erase(tiny_erase_config(base, method=method), tmp_path / "out")
     artifact = read_artifact(tmp_path / "out")
     chosen = set(select_parameters(open_backbone(str(base), device="cpu").unet, "cross-attn-kv"))
     assert set(artifact.weights) == chosen
@@ -61,7 +53,7 @@ def test_parameter_groups(tiny_sd1, group, rule):
 def test_artifact_applies_to_its_base_only(tiny_sd1, tmp_path):
     from conceptctl.testing import save_tiny_pipeline
 
-    erase(_config(tiny_sd1), tmp_path / "out")
+    erase(tiny_erase_config(tiny_sd1), tmp_path / "out")
     artifact = read_artifact(tmp_path / "out")
     model = open_backbone(str(tiny_sd1), device="cpu")
     assert apply_artifact(model, artifact) == []
@@ -80,7 +72,7 @@ def test_artifact_applies_to_its_base_loaded_in_half_precision(tiny_sd1, tmp_pat
     is recognised in that dtype, and another base still is not."""
     from conceptctl.testing import save_tiny_pipeline
 
-    erase(_config(tiny_sd1), tmp_path / "out")
+    erase(tiny_erase_config(tiny_sd1), tmp_path / "out")
     artifact = read_artifact(tmp_path / "out")
     assert set(artifact.base["tensors_digest_by_dtype"]) == {"float16", "bfloat16"}
     for dtype in ("bfloat16", "float16"):
@@ -100,15 +92,15 @@ def test_artifact_applies_to_its_base_loaded_in_half_precision(tiny_sd1, tmp_pat
 
 
 def test_anchor_images_are_reused(tiny_sd1, tmp_path):
-    first = erase(_config(tiny_sd1), tmp_path / "a")
-    second = erase(_config(tiny_sd1, method="ca"), tmp_path / "b")
-    third = erase(_config(tiny_sd1, seed=1), tmp_path / "c")
+    first = erase(tiny_erase_config(tiny_sd1), tmp_path / "a")
+    second = erase(tiny_erase_config(tiny_sd1, method="ca"), tmp_path / "b")
+    third = erase(tiny_erase_config(tiny_sd1, seed=1), tmp_path / "c")
     assert (first.anchors_cached, second.anchors_cached, third.anchors_cached) == (
         False, True, False)
 
 
 def test_checkpoints_rotate(tiny_sd1, tmp_path):
-    erase(_config(tiny_sd1, steps=8, checkpointing_steps=2, checkpoints_total_limit=2),
+    erase(tiny_erase_config(tiny_sd1, steps=8, checkpointing_steps=2, checkpoints_total_limit=2),
           tmp_path / "out")
     kept = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkp"))
     assert kept == ["checkpoint-6", "checkpoint-8"]
@@ -212,7 +204,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cli, tiny_sd1, tmp_
 
 
 def test_sample_with_model_and_compare(cli, tiny_sd1, tmp_path):
-    erase(_config(tiny_sd1), tmp_path / "art")
+    erase(tiny_erase_config(tiny_sd1), tmp_path / "art")
     result = cli("sample", "a church", "--model", tmp_path / "art", "--compare", "-n", "2",
                  "--steps", "2", "-o", tmp_path / "s")
     assert result.code == 0, result.err
@@ -235,7 +227,7 @@ def test_sample_with_model_and_compare(cli, tiny_sd1, tmp_path):
 def test_sample_model_errors(cli, tiny_sd1, tiny_sd2, tmp_path):
     assert "--compare needs --model" in cli("sample", "x", "--compare", "-b", tiny_sd1).err
     assert "not a conceptctl artifact" in cli("sample", "x", "--model", tmp_path).err
-    erase(_config(tiny_sd1), tmp_path / "art")
+    erase(tiny_erase_config(tiny_sd1), tmp_path / "art")
     wrong = cli("sample", "x", "--model", tmp_path / "art", "-b", tiny_sd2, "--force")
     assert wrong.code == 1 and "different architecture" in wrong.err
 
@@ -269,8 +261,8 @@ def test_toy_erase_uses_toy_prompts_and_reuses_anchor_images(cli, tmp_path):
 
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
 def test_mixed_precision_trains_the_same_parameters_close_to_fp32(tiny_sd1, tmp_path, mode):
-    erase(_config(tiny_sd1), tmp_path / "fp32")
-    erase(_config(tiny_sd1, mixed_precision=mode), tmp_path / mode)
+    erase(tiny_erase_config(tiny_sd1), tmp_path / "fp32")
+    erase(tiny_erase_config(tiny_sd1, mixed_precision=mode), tmp_path / mode)
     full, mixed = read_artifact(tmp_path / "fp32"), read_artifact(tmp_path / mode)
     assert set(full.weights) == set(mixed.weights)
     before = {k: v for k, v in open_backbone(str(tiny_sd1), device="cpu").unet.state_dict()

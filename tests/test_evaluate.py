@@ -6,17 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from conceptctl.erasure.config import EraseConfig
 from conceptctl.erasure.run import erase
+from conceptctl.testing import tiny_erase_config
 
 FAST = ["--steps", "3", "-n", "1", "--attack-cases", "2"]
 
 
 def _tiny_artifact(backbone, out, **overrides):
-    settings = dict(concept="church", anchor="house", concept_type="object",
-                    backbone=str(backbone), steps=3, warmup=1, batch_size=2,
-                    anchor_images_per_prompt=1, anchor_steps=2, lr=1e-3, d_lr=1e-3)
-    erase(EraseConfig(**{**settings, **overrides}), out)
+    erase(tiny_erase_config(backbone, **{"steps": 3, "checkpointing_steps": 3, **overrides}),
+          out)
     return out
 
 

@@ -396,13 +396,10 @@ def test_exporters_are_plugins(cli):
 @pytest.mark.slow
 def test_real_erasure_artifact_exports(tiny_sd1, tmp_path, cli):
     """An artifact from a (short) real DoCo run, not a perturbation, through the CLI."""
-    from conceptctl.erasure.config import EraseConfig
     from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
 
-    erase(EraseConfig(concept="church", anchor="house", concept_type="object",
-                      backbone=str(tiny_sd1), steps=3, warmup=1, batch_size=2,
-                      anchor_images_per_prompt=1, anchor_steps=2, checkpointing_steps=3,
-                      lr=1e-3, d_lr=1e-3), tmp_path / "art")
+    erase(tiny_erase_config(tiny_sd1, steps=3, checkpointing_steps=3), tmp_path / "art")
     lora = tmp_path / "l.safetensors"
     result = cli("export", tmp_path / "art", "-f", "lora", "--rank", "1000", "--lora-format",
                  "kohya", "-o", lora)

@@ -5,21 +5,13 @@ import torch
 
 from conceptctl.backbones.loading import open_backbone
 from conceptctl.erasure.artifact import read_artifact
-from conceptctl.erasure.config import EraseConfig
 from conceptctl.erasure.run import erase, prepare_training
-
-
-def _config(backbone, **overrides):
-    settings = dict(concept="church", anchor="house", concept_type="object",
-                    backbone=str(backbone), steps=4, warmup=1, batch_size=2,
-                    anchor_images_per_prompt=1, anchor_steps=2, checkpointing_steps=2,
-                    lr=1e-3, d_lr=1e-3)
-    return EraseConfig(**{**settings, **overrides})
+from conceptctl.testing import tiny_erase_config
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tiny_sd1, tmp_path):
-    erase(_config(tiny_sd1), tmp_path / "plain")
-    erase(_config(tiny_sd1, gradient_checkpointing=True), tmp_path / "checkpointed")
+    erase(tiny_erase_config(tiny_sd1), tmp_path / "plain")
+    erase(tiny_erase_config(tiny_sd1, gradient_checkpointing=True), tmp_path / "checkpointed")
     plain, checkpointed = read_artifact(tmp_path / "plain"), read_artifact(tmp_path /
                                                                            "checkpointed")
     assert checkpointed.manifest["hyperparameters"]["gradient_checkpointing"] is True
@@ -31,7 +23,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_sd1, tmp_path):
 def test_frozen_copy_shares_what_does_not_train_and_keeps_the_original(tiny_sd1):
     backbone = open_backbone(str(tiny_sd1), device="cpu")
     before = {k: v.clone() for k, v in backbone.unet.state_dict().items()}
-    training = prepare_training(backbone, _config(tiny_sd1))
+    training = prepare_training(backbone, tiny_erase_config(tiny_sd1))
     student = dict(backbone.unet.named_parameters())
     frozen = dict(training.frozen.named_parameters())
     assert student.keys() == frozen.keys()
