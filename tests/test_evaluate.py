@@ -123,3 +123,18 @@ def test_verdict_reports_robustness_beside_the_status(attack_rate, robust):
     assert result["status"] == "worked" and result["robust"] is robust
     assert ("not robust: the embedding attack brings it back in 100%" in result["text"]) is (
         robust is False)
+
+
+def test_compare_rows_name_columns_and_flag_robustness():
+    from conceptctl.evaluation.compare import compare_rows
+
+    def result(path, method, robust):
+        return {"artifact": {"path": path, "method": method},
+                "metrics": [{"metric": "erasure", "group": "target", "direction": "higher",
+                             "value": 0.5, "unit": "share"}],
+                "attacks": [], "verdict": {"status": "worked", "robust": robust}}
+
+    header, rows = compare_rows([result("/x/doco", "doco", False), result("/x/vg", "ca", None)])
+    assert header == ["metric", "group", "better", "doco", "vg (ca)"]
+    assert rows[0] == ["erasure", "target", "higher", "50.0%", "50.0%"]
+    assert rows[-1] == ["verdict", "", "", "worked, not robust", "worked"]

@@ -10,8 +10,7 @@ from conceptctl.fileio import write_json
 
 
 def compare_rows(results: list[dict], names: list[str] | None = None):
-    names = names or [f"{r['artifact']['method']}: {Path(r['artifact']['path']).name}"
-                      for r in results]
+    names = names or [_column_name(r) for r in results]
     keys: list[tuple[str, str, str]] = []
     for r in results:
         for m in r["metrics"]:
@@ -35,8 +34,17 @@ def compare_rows(results: list[dict], names: list[str] | None = None):
                 found = [a for a in r["attacks"] if a["attack"] == attack]
                 cells.append(format_value(found[0][field]) if found else "-")
             rows.append([label, "target", "lower", *cells])
-    rows.append(["verdict", "", "", *[r["verdict"]["status"] for r in results]])
+    rows.append(["verdict", "", "", *[_verdict_cell(r["verdict"]) for r in results]])
     return ["metric", "group", "better", *names], rows
+
+
+def _column_name(result: dict) -> str:
+    name, method = Path(result["artifact"]["path"]).name, result["artifact"]["method"]
+    return name if name == method else f"{name} ({method})"
+
+
+def _verdict_cell(verdict: dict) -> str:
+    return verdict["status"] + (", not robust" if verdict.get("robust") is False else "")
 
 
 def write_compare(folder: Path, results: list[dict], names: list[str]) -> None:
