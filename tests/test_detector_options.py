@@ -1,5 +1,5 @@
-"""--detector-option reaches detector factories (with the artifact's context), bad ones fail
-early, and metric values print in their unit."""
+"""--detector-option and --attack-option reach the factories (detectors with the artifact's
+context), bad ones fail early, and metric values print in their unit."""
 
 import pytest
 
@@ -19,6 +19,29 @@ def test_malformed_repeated_and_reserved_options_fail_before_any_work(cli, tmp_p
         result = cli("eval", tmp_path / "missing", *flags)
         assert result.code == 2, result.err
         assert message in result.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attack-option", "steps=3"], "--attack-option steps=3 is not ATTACK.KEY=VALUE"),
+    (["--attack-option", "embedding.stesp=3"], "attack embedding has no option 'stesp'"),
+    (["--attack-option", "embedding.steps=many"], "embedding.steps=many: expected int"),
+    (["--attack-option", "embedding.lr=0"], "embedding.lr must be positive"),
+    (["--attacks", "paraphrase", "--attack-option", "embedding.steps=3"],
+     "--attack-option for 'embedding', which is not among the attacks run (paraphrase)"),
+])
+def test_bad_attack_options_fail_before_any_work(cli, tmp_path, args, message):
+    result = cli("eval", tmp_path / "missing", *args)
+    assert result.code == 2, result.err
+    assert message in result.err and result.err.startswith("error:")
+
+
+def test_attack_options_reach_the_attack_typed():
+    embedding = get_registry("attack").get("embedding").build(
+        options={"cases": 4, "steps": "7", "lr": "0.5", "tokens": "2"})
+    assert {k: embedding.settings()[k] for k in ("cases", "steps", "lr", "tokens", "seed")} == {
+        "cases": 4, "steps": 7, "lr": 0.5, "tokens": 2, "seed": 0}
+    paraphrase = get_registry("attack").get("paraphrase").build(options={"per_case": "3"})
+    assert paraphrase.settings() == {"cases": 16, "per_case": 3, "seed": 0}
 
 
 def test_detector_options_split_the_context_and_refuse_unknown_keys():

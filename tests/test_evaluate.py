@@ -67,9 +67,11 @@ def test_toy_report_agrees_with_the_judge_on_the_saved_pictures(cli, toy_artifac
 def test_tiny_sd_without_detector_still_draws_and_says_so(cli, tiny_sd1, tmp_path):
     art = _tiny_artifact(tiny_sd1, tmp_path / "art")
     out = tmp_path / "report"
-    result = cli("evaluate", art, *FAST, "--attacks", "embedding", "-o", out, "--json")
+    result = cli("evaluate", art, *FAST, "--attacks", "embedding", "--attack-option",
+                 "embedding.steps=2", "-o", out, "--json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
+    assert report["attacks"][0]["settings"]["steps"] == 2
     assert report["verdict"]["status"] == "unknown" and report["detector"] is None
     assert all(m["value"] is None and "no detector" in m["note"] for m in report["metrics"])
     assert report["attacks"][0]["success_rate"] is None

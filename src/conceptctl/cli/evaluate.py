@@ -19,18 +19,30 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def _key_values(pairs: list[str], option: str) -> dict[str, str]:
+def _key_values(pairs: list[str], option: str, example: str) -> dict[str, str]:
     """``["a=1", "b=x=y"]`` -> ``{"a": "1", "b": "x=y"}``; malformed or repeated keys fail."""
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UsageError(f"{option} {pair!r} is not KEY=VALUE", hint=f"e.g. {option} "
-                             "threshold=0.6")
+            raise UsageError(f"{option} {pair!r} is not KEY=VALUE",
+                             hint=f"e.g. {option} {example}")
         if key in out:
             raise UsageError(f"{option} {key} is given twice")
         out[key] = value.strip()
+    return out
+
+
+def _attack_options(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``["embedding.steps=20"]`` -> ``{"embedding": {"steps": "20"}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for key, value in _key_values(pairs, "--attack-option", "embedding.steps=20").items():
+        attack, dot, name = key.partition(".")
+        if not dot or not attack or not name:
+            raise UsageError(f"--attack-option {key}={value} is not ATTACK.KEY=VALUE",
+                             hint="e.g. --attack-option embedding.steps=20")
+        out.setdefault(attack, {})[name] = value
     return out
 
 
@@ -60,6 +72,9 @@ def evaluate(
         help="Comma-separated attacks, or 'none'.")] = "embedding,paraphrase",
     attack_cases: Annotated[int, typer.Option(
         help="Target prompts each attack works on.", min=1)] = 16,
+    attack_option: Annotated[list[str] | None, typer.Option(
+        "--attack-option", help="ATTACK.KEY=VALUE, repeatable (e.g. embedding.steps=20).",
+        show_default=False)] = None,
     images_per_prompt: Annotated[int, typer.Option(
         "--images-per-prompt", "-n", help="Pictures per prompt and model.", min=1)] = 2,
     seed: Annotated[int, typer.Option(
@@ -95,9 +110,11 @@ def evaluate(
                          hint="conceptctl evaluate A B C --compare")
     opts = EvalOptions(
         prompts=prompts, suite=suite, detector=detector,
-        detector_options=_key_values(detector_option or [], "--detector-option"),
+        detector_options=_key_values(detector_option or [], "--detector-option",
+                                     "threshold=0.6"),
         metrics=_names(metrics),
         attacks=_names(attacks) or (), attack_cases=attack_cases,
+        attack_options=_attack_options(attack_option or []),
         images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance,
         batch_size=batch_size, backbone=backbone, force=force, device=device, dtype=dtype)
     check_options(opts)

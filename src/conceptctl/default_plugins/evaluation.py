@@ -34,15 +34,15 @@ def _metric(class_name):
 
 
 def _embedding(options):
-    from conceptctl.evaluation.attacks import EmbeddingAttack
+    from conceptctl.evaluation.attacks import EmbeddingAttack, attack_options
 
-    return EmbeddingAttack(cases=options.get("cases", 16))
+    return EmbeddingAttack(**attack_options(options, EmbeddingAttack.options, "embedding"))
 
 
 def _paraphrase(options):
-    from conceptctl.evaluation.attacks import ParaphraseAttack
+    from conceptctl.evaluation.attacks import ParaphraseAttack, attack_options
 
-    return ParaphraseAttack(cases=options.get("cases", 16))
+    return ParaphraseAttack(**attack_options(options, ParaphraseAttack.options, "paraphrase"))
 
 
 @hookimpl

@@ -30,6 +30,30 @@ from conceptctl.evaluation.cases import Case
 from conceptctl.evaluation.generate import Drawn, draw_cases, draw_embeddings
 
 
+def attack_options(options: dict | None, known: dict[str, type], attack: str) -> dict:
+    """The options an attack's factory receives, typed: ``cases`` (from ``--attack-cases``) plus
+    the user's ``--attack-option ATTACK.KEY=VALUE`` strings, each converted with ``known[KEY]``.
+    An unknown key or a value of the wrong type is a UsageError naming what is accepted."""
+    from conceptctl.errors import UsageError
+
+    given = dict(options or {})
+    out = {"cases": int(given.pop("cases", 16))}
+    for key, value in given.items():
+        if key not in known:
+            accepted = ", ".join(f"{k} ({t.__name__})" for k, t in known.items()) or "none"
+            raise UsageError(f"attack {attack} has no option {key!r}",
+                             hint=f"options it accepts: {accepted}")
+        try:
+            converted = known[key](value)
+        except ValueError:
+            raise UsageError(f"--attack-option {attack}.{key}={value}: expected "
+                             f"{known[key].__name__}") from None
+        if isinstance(converted, int | float) and converted <= 0 and key != "seed":
+            raise UsageError(f"--attack-option {attack}.{key} must be positive")
+        out[key] = converted
+    return out
+
+
 @dataclass
 class Attempt:
     case: Case  # the attacked target case
@@ -46,6 +70,7 @@ def attacked_cases(run, limit: int) -> list[tuple[int, Case]]:
 
 class EmbeddingAttack:
     name = "embedding"
+    options = {"tokens": int, "steps": int, "lr": float, "seed": int}
 
     def __init__(self, tokens: int = 3, steps: int = 60, lr: float = 0.01, cases: int = 16,
                  seed: int = 0) -> None:
@@ -135,6 +160,7 @@ class _SoftPromptEncoder:
 
 class ParaphraseAttack:
     name = "paraphrase"
+    options = {"per_case": int, "seed": int}
 
     def __init__(self, cases: int = 16, per_case: int = 8, seed: int = 0) -> None:
         self.cases, self.per_case, self.seed = cases, per_case, seed

@@ -37,6 +37,8 @@ class EvalOptions:
     metrics: tuple[str, ...] | None = None  # None: every registered metric
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     attack_cases: int = 16
+    # --attack-option ATTACK.KEY=VALUE: attack name -> {key: value string} for its factory.
+    attack_options: dict[str, dict[str, str]] = field(default_factory=dict)
     images_per_prompt: int = 2
     seed: int = 20_000
     steps: int | None = None
@@ -103,6 +105,13 @@ def check_options(opts: EvalOptions) -> None:
         get_registry("metric").entry(name)
     for name in opts.attacks:
         get_registry("attack").entry(name)
+    for name in opts.attack_options:
+        if name not in opts.attacks:
+            raise UsageError(f"--attack-option for {name!r}, which is not among the attacks "
+                             f"run ({', '.join(opts.attacks) or 'none'})",
+                             hint="write ATTACK.KEY=VALUE with an attack from --attacks")
+    for name in opts.attacks:  # build each once: a bad option fails before any model loads
+        _build_attack(name, opts)
     if opts.detector:
         get_registry("detector").entry(opts.detector)
     if DETECTOR_CONTEXT in opts.detector_options:
@@ -257,8 +266,13 @@ def _metrics(opts: EvalOptions):
     return [registry.entry(n) for n in names]
 
 
+def _build_attack(name: str, opts: EvalOptions):
+    options = {"cases": opts.attack_cases, **opts.attack_options.get(name, {})}
+    return get_registry("attack").get(name).build(options=options)
+
+
 def _attack(run: EvalRun, name: str, opts: EvalOptions, report: Reporter) -> dict:
-    attack = get_registry("attack").get(name).build(options={"cases": opts.attack_cases})
+    attack = _build_attack(name, opts)
     t0 = time.time()
     attempts = attack.attack(run)
     k = run.suite.images_per_prompt
