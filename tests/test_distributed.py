@@ -173,3 +173,32 @@ def test_two_processes_evaluate_what_one_process_evaluates(cli, tiny_sd1, tmp_pa
         assert np.abs(a - b).max() <= 1, name  # batches differ: float rounding at most
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir())
+
+
+@pytest.mark.slow
+def test_two_processes_compare_writes_one_comparison(tiny_sd1, tmp_path):
+    """--compare under accelerate: the other process draws its shares of every artifact's
+    pictures and writes nothing (no staging folder left behind); the main one writes it all."""
+    from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
+
+    for method in ("doco", "ca"):
+        erase(tiny_erase_config(tiny_sd1, steps=2, method=method), tmp_path / method)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt,evaluation_seed,case_number,group\n"
+                       "a church,1,0,target\na house,2,1,anchor\na tree,3,2,general\n")
+    out = tmp_path / "cmp"
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([*_launcher(), "-m", "conceptctl", "eval", str(tmp_path / "doco"),
+                           str(tmp_path / "ca"), "--compare", "--prompts", str(prompts),
+                           "--steps", "2", "-n", "1", "--attacks", "none", "-o", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("comparison") == 1
+    table = json.loads((out / "compare.json").read_text())
+    assert table["artifacts"] == ["doco", "ca"]
+    for name in ("doco", "ca"):
+        report = json.loads((out / name / "report.json").read_text())
+        assert report["processes"] == 2 and len(report["images"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca", "cmp", "conceptctl-home",
+                                                          "doco", "prompts.csv"]
