@@ -112,7 +112,9 @@ def register_metrics(register):
 def register_attacks(register):
     """Register robustness attacks (``embedding`` and ``paraphrase`` built in).
 
-    ``factory(options)`` returns an object with ``attack(run)`` that receives the
+    ``factory(options)`` (``{"cases": N}`` plus the user's ``--attack-option NAME.KEY=VALUE``
+    strings; see :func:`conceptctl.evaluation.attacks.attack_options`) returns an object with
+    ``settings()`` and ``attack(run)`` that receives the
     :class:`conceptctl.evaluation.run.EvalRun` and returns a list of
     :class:`conceptctl.evaluation.attacks.Attempt`: per attacked target case, the images the
     erased model drew under attack. conceptctl judges them and reports the attack success rate.
