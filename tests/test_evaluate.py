@@ -58,6 +58,15 @@ def test_toy_report_agrees_with_the_judge_on_the_saved_pictures(cli, toy_artifac
         assert attack["cases"] == 2 and attack["success_rate"] is not None
         for row in attack["rows"]:
             assert all((out / f).is_file() for f in row["files"])
+        # Per-picture and per-case rates, judged again on the saved attack pictures.
+        shown = [[v.labels["object"] == "church"
+                  for v in judge.judge(load_images([out / f for f in row["files"]]))]
+                 for row in attack["rows"]]
+        assert attack["pictures"] == sum(len(x) for x in shown)
+        assert attack["picture_rate"] == pytest.approx(
+            sum(map(sum, shown)) / attack["pictures"])
+        assert attack["success_rate"] == pytest.approx(np.mean([any(x) for x in shown]))
+        assert 0 <= attack["no_attack_picture_rate"] <= 1
     page = (out / "report.html").read_text()
     assert page.count("<img class='grid'") >= 5 and report["verdict"]["text"] in page.replace(
         "&#x27;", "'")

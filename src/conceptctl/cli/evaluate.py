@@ -230,7 +230,8 @@ def _table(result: dict):
     for a in result["attacks"]:
         table.add_row(f"attack {a['attack']}", f"{a['cases']} target prompts",
                       _fmt(a["success_rate"]), "lower", "",
-                      f"no attack: {_fmt(a['no_attack_rate'])}")
+                      f"no attack: {_fmt(a['no_attack_rate'])}; per picture: "
+                      f"{_fmt(a.get('picture_rate'))} vs {_fmt(a.get('no_attack_picture_rate'))}")
     return table
 
 

@@ -152,11 +152,14 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
                    f"<td>{_fmt(m['value'], unit)}</td><td>{m['direction']}</td>"
                    f"<td>{m['images']}</td><td>{html.escape(details)}</td></tr>")
     out.append("</table><h2>Robustness</h2><table><tr><th>attack</th><th>target prompts</th>"
-               "<th>concept back (attack)</th><th>concept shown (no attack)</th></tr>")
+               "<th>concept back (attack)</th><th>concept shown (no attack)</th>"
+               "<th>per picture: attack / no attack</th></tr>")
     for a in result["attacks"]:
         out.append(f"<tr><td>{a['attack']}</td><td>{a['cases']}</td>"
                    f"<td>{_fmt(a['success_rate'])}</td>"
-                   f"<td>{_fmt(a['no_attack_rate'])}</td></tr>")
+                   f"<td>{_fmt(a['no_attack_rate'])}</td>"
+                   f"<td>{_fmt(a.get('picture_rate'))} of {a.get('pictures', 0)} / "
+                   f"{_fmt(a.get('no_attack_picture_rate'))}</td></tr>")
     out.append("</table><h2>Pictures: original (left) and erased (right), same seeds</h2>")
     for group in run.suite.groups():
         made = _group_grid(run, group)

@@ -278,26 +278,39 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: Reporter) -> dic
     k = run.suite.images_per_prompt
     index = {id(c): i for i, c in enumerate(run.suite.cases)}
     rows, hits, baseline = [], 0, 0
+    # Per picture as well as per case: an attack that draws more pictures per case (paraphrase:
+    # one set per rewording) has more chances at the case-level rate than the no-attack figure.
+    pictures = {"attack": [0, 0], "no_attack": [0, 0]}  # [showing the concept, judged]
     for attempt in attempts:
         shown = None
         if run.detector is not None:
-            verdicts = [run.detector.shows(lab, run.concept)
+            verdicts = [bool(run.detector.shows(lab, run.concept))
                         for lab in run.detector.judge(attempt.images)]
-            shown = any(bool(v) for v in verdicts)
+            shown = any(verdicts)
             i = index[id(attempt.case)]
-            before = [run.detector.shows(run.erased.labels[j], run.concept)
+            before = [bool(run.detector.shows(run.erased.labels[j], run.concept))
                       for j in range(i * k, (i + 1) * k)]
-            baseline += any(bool(v) for v in before)
+            baseline += any(before)
             hits += shown
+            for key, seen in (("attack", verdicts), ("no_attack", before)):
+                pictures[key][0] += sum(seen)
+                pictures[key][1] += len(seen)
         rows.append({"case_number": attempt.case.case_number, "group": attempt.case.group,
                      "prompt": attempt.case.prompt, "attacked_prompts": attempt.prompts,
                      "concept_shown": shown})
     n = len(attempts)
     report.message(f"attack {name}: {n} target case(s)")
     measured = run.detector is not None and n > 0
+
+    def share(key):
+        shown_count, judged = pictures[key]
+        return shown_count / judged if measured and judged else None
+
     summary = {"attack": name, "settings": attack.settings(), "cases": n,
                "success_rate": hits / n if measured else None,
                "no_attack_rate": baseline / n if measured else None,
+               "picture_rate": share("attack"), "no_attack_picture_rate": share("no_attack"),
+               "pictures": pictures["attack"][1],
                "seconds": round(time.time() - t0, 1), "rows": rows,
                "note": "" if measured else (run.no_detector_note or "no target cases")}
     return {"summary": summary, "attempts": attempts}
