@@ -143,9 +143,12 @@ def test_compare_rows_name_columns_and_flag_robustness():
         return {"artifact": {"path": path, "method": method},
                 "metrics": [{"metric": "erasure", "group": "target", "direction": "higher",
                              "value": 0.5, "unit": "share"}],
-                "attacks": [], "verdict": {"status": "worked", "robust": robust}}
+                "attacks": [{"attack": "embedding", "success_rate": 1.0, "no_attack_rate": 0.0,
+                             "picture_rate": 0.75, "no_attack_picture_rate": 0.0}],
+                "verdict": {"status": "worked", "robust": robust}}
 
     header, rows = compare_rows([result("/x/doco", "doco", False), result("/x/vg", "ca", None)])
     assert header == ["metric", "group", "better", "doco", "vg (ca)"]
     assert rows[0] == ["erasure", "target", "higher", "50.0%", "50.0%"]
     assert rows[-1] == ["verdict", "", "", "worked, not robust", "worked"]
+    assert rows[3] == ["attack embedding, per picture", "target", "lower", "75.0%", "75.0%"]

@@ -28,11 +28,13 @@ def compare_rows(results: list[dict], names: list[str] | None = None):
     attacks = list(dict.fromkeys(a["attack"] for r in results for a in r["attacks"]))
     for attack in attacks:
         for field, label in (("success_rate", f"attack {attack}"),
-                             ("no_attack_rate", f"no attack ({attack} prompts)")):
+                             ("no_attack_rate", f"no attack ({attack} prompts)"),
+                             ("picture_rate", f"attack {attack}, per picture"),
+                             ("no_attack_picture_rate", "no attack, per picture")):
             cells = []
             for r in results:
                 found = [a for a in r["attacks"] if a["attack"] == attack]
-                cells.append(format_value(found[0][field]) if found else "-")
+                cells.append(format_value(found[0].get(field)) if found else "-")
             rows.append([label, "target", "lower", *cells])
     rows.append(["verdict", "", "", *[_verdict_cell(r["verdict"]) for r in results]])
     return ["metric", "group", "better", *names], rows
