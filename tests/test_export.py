@@ -249,6 +249,9 @@ def test_delta_holds_only_changed_tensors_and_samples_like_the_artifact(tiny_sd1
     assert set(delta) == set(weights) - {still}
     info = _header(out)
     assert info["kind"] == "delta" and info["base"]["tensors"] == sorted(delta)
+    # Its base record covers exactly those tensors, also as a base loaded in bfloat16 reads them.
+    half = open_backbone(str(tiny_sd1), device="cpu", dtype="bfloat16")
+    assert apply_artifact(half, read_artifact(out)) == []
 
     from_delta = _sampled(cli, tmp_path / "a", "--model", out)
     np.testing.assert_array_equal(from_delta, _sampled(cli, tmp_path / "b", "--model", artifact))
@@ -410,3 +413,14 @@ def test_real_erasure_artifact_exports(tiny_sd1, tmp_path, cli):
     np.testing.assert_allclose(_draw(pipe), _draw(_erased(tiny_sd1, tmp_path / "art")),
                                atol=1e-5)
     assert _header(lora)["method"] == "doco"
+
+
+def test_forced_export_model_card_names_the_artifacts_base():
+    from conceptctl.export.metadata import model_card
+
+    info = {"concept": "church", "anchor": "house", "concept_type": "object", "method": "doco",
+            "base": {"name": "other", "tensors_digest": "sha256:new", "tensors": ["a"]},
+            "export": {"format": "diffusers", "forced": True,
+                       "artifact_base": {"name": "sd", "tensors_digest": "sha256:old"}}}
+    card = model_card(info, "load it")
+    assert "**Forced export**" in card and "(sha256:old)" in card

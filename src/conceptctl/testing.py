@@ -173,7 +173,7 @@ def write_test_artifact(backbone, out_dir: str | Path, *, names=None, scale: flo
     """
     import torch
 
-    from conceptctl.erasure.artifact import FORMAT_VERSION, base_digest, write_artifact
+    from conceptctl.erasure.artifact import FORMAT_VERSION, base_record, write_artifact
     from conceptctl.erasure.params import select_parameters
 
     params = dict(backbone.unet.named_parameters())
@@ -192,7 +192,7 @@ def write_test_artifact(backbone, out_dir: str | Path, *, names=None, scale: flo
         "anchor": anchor,
         "concept_type": "object",
         "method": "test-perturbation",
-        "base": {**backbone.describe(), "tensors_digest": base_digest(backbone.unet, chosen),
+        "base": {**backbone.describe(), **base_record({n: params[n] for n in chosen}),
                  "tensors": sorted(chosen)},
     }
     out_dir = Path(out_dir)

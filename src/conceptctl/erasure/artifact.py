@@ -134,18 +134,24 @@ def _read_delta(path: Path) -> Artifact:
 SAMPLING_DTYPES = ("float16", "bfloat16")
 
 
-def base_digest(unet: torch.nn.Module, names, dtype: str | None = None) -> str:
-    """Digest of the base's ``names`` tensors, cast to ``dtype`` first if given."""
-    params = dict(unet.named_parameters())
+def _digest(tensors: dict[str, torch.Tensor], dtype: str | None = None) -> str:
     cast = getattr(torch, dtype) if dtype else None
-    return tensor_digest((name, params[name] if cast is None else params[name].to(cast))
-                         for name in sorted(names))
+    return tensor_digest((name, tensors[name] if cast is None else tensors[name].to(cast))
+                         for name in sorted(tensors))
 
 
-def base_digests_by_dtype(unet: torch.nn.Module, names) -> dict[str, str]:
-    """The base as it reads when loaded in each sampling dtype: casting the same float32 weights
-    rounds the same way whenever it happens, so a base loaded in float16 matches these."""
-    return {d: base_digest(unet, names, d) for d in SAMPLING_DTYPES}
+def base_digest(unet: torch.nn.Module, names) -> str:
+    """Digest of the base's ``names`` tensors as they are (dtype included)."""
+    params = dict(unet.named_parameters())
+    return _digest({name: params[name] for name in names})
+
+
+def base_record(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
+    """How a manifest or header names the base tensors an artifact replaces: their digest as
+    they are, and as they read when the base is loaded in each sampling dtype (casting the same
+    float32 weights rounds the same way whenever it happens, so a float16 load matches)."""
+    return {"tensors_digest": _digest(tensors),
+            "tensors_digest_by_dtype": {d: _digest(tensors, d) for d in SAMPLING_DTYPES}}
 
 
 def _expected_digest(artifact: Artifact, dtype: torch.dtype) -> str:

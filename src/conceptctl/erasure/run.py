@@ -21,12 +21,7 @@ from pathlib import Path
 import torch
 
 from conceptctl.erasure.anchors import CONCEPT_TYPES
-from conceptctl.erasure.artifact import (
-    FORMAT_VERSION,
-    base_digest,
-    base_digests_by_dtype,
-    write_artifact,
-)
+from conceptctl.erasure.artifact import FORMAT_VERSION, base_record, write_artifact
 from conceptctl.erasure.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from conceptctl.erasure.config import EraseConfig
 from conceptctl.erasure.methods import Context, StepStats
@@ -275,11 +270,9 @@ def erase(
         empty_text=backbone.encode_prompts([""]).cpu(),
     )
 
-    trained_names = select_parameters(backbone.unet, cfg.params)
-    base = {"tensors_digest": base_digest(backbone.unet, trained_names),
-            "tensors_digest_by_dtype": base_digests_by_dtype(backbone.unet, trained_names)}
     training = prepare_training(backbone, cfg, dist=dist)
     params, state, precision = training.params, training.state, training.precision
+    base = base_record(params)  # before any step: the base values of the trained tensors
 
     if resume is not None:
         found = list_checkpoints(out_dir) if dist.is_main else []

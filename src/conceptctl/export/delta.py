@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from conceptctl.erasure.artifact import DELTA
+from conceptctl.erasure.artifact import DELTA, base_record
 from conceptctl.errors import ConceptctlError
 from conceptctl.export.metadata import header
-from conceptctl.fingerprint import tensor_digest
 
 
 def delta_tensors(job) -> dict[str, torch.Tensor]:
@@ -37,8 +36,8 @@ def export_delta(job, out: Path) -> dict[str, Any]:
     names = sorted(deltas)
     # The applier hashes the base tensors it is about to change, so the record names exactly
     # these (a subset of the artifact's when some trained tensors did not move).
-    base = {**job.info["base"], "tensors": names,
-            "tensors_digest": tensor_digest((name, job.base[name]) for name in names)}
+    base = {**job.info["base"], **base_record({name: job.base[name] for name in names}),
+            "tensors": names}
     save_file(deltas, str(out), metadata=header({**job.info, "kind": DELTA, "base": base}))
     # What a reader gets back: base + delta in the base's precision, against the erased values.
     worst = max(float(((job.base[n] + deltas[n].to(job.base[n].dtype)) - job.erased[n])

@@ -81,7 +81,8 @@ def model_card(info: dict[str, Any], how_to_load: str) -> str:
         front.append(f"base_model: {source}")
     front.append("---")
     forced = ("\n**Forced export**: the base's tensors differed from the ones the erasure was made "
-              f"from ({export.get('artifact_base_digest')}).\n" if export.get("forced") else "")
+              f"from ({export.get('artifact_base', {}).get('tensors_digest')}).\n"
+              if export.get("forced") else "")
     return "\n".join(front) + f"""
 
 # {info['concept']} erased from {base.get('name')} ({info['method']})

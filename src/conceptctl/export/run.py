@@ -107,10 +107,9 @@ def export_artifact(
 def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dtype, force):
     from conceptctl import __version__
     from conceptctl.backbones.loading import open_backbone
-    from conceptctl.erasure.artifact import apply_artifact
+    from conceptctl.erasure.artifact import apply_artifact, base_record
     from conceptctl.export import ExportJob
     from conceptctl.export.metadata import export_info
-    from conceptctl.fingerprint import tensor_digest
     from conceptctl.runtime import torch_dtype
 
     # The base must be loaded in the precision the artifact was made in: its recorded hash
@@ -127,14 +126,12 @@ def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dt
     if out_dtype != model.dtype:
         model.pipeline.to(dtype=out_dtype)
         model.dtype = out_dtype
-    names = sorted(base)
-    digest = tensor_digest((name, base[name]) for name in names)
     export = {"format": fmt, "conceptctl": __version__, "dtype": str(out_dtype).removeprefix(
-        "torch."), "options": options, "forced": digest != artifact.base["tensors_digest"]}
+        "torch."), "options": options, "forced": bool(notes)}  # notes: only a forced mismatch
     if export["forced"]:
         # The files describe the base they were computed against; the artifact's own base is
         # kept beside it so the mismatch stays visible downstream.
-        base_info = {**model.describe(), "tensors_digest": digest, "tensors": names}
+        base_info = {**model.describe(), **base_record(base), "tensors": sorted(base)}
         export["artifact_base"] = {"name": artifact.base.get("name"),
                                    "tensors_digest": artifact.base["tensors_digest"]}
     else:
