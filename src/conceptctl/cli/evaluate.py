@@ -145,6 +145,7 @@ def evaluate(
 def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from conceptctl.erasure.distributed import is_main_launched_process
     from conceptctl.evaluation.compare import write_compare
     from conceptctl.evaluation.report import write_report
     from conceptctl.evaluation.run import OriginalCache, Reporter
@@ -179,7 +180,7 @@ def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
                 return []
             write_report(out, result, run, overwrite=overwrite)
             return [result]
-        if not _main_process():
+        if not is_main_launched_process():
             for path in artifacts:  # draw its share of every artifact's pictures; write nothing
                 run_evaluate(path, opts, reporter, cache)
             return []
@@ -196,12 +197,6 @@ def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
         if progress is not None:
             progress.stop()
     return results
-
-
-def _main_process() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _unique_names(paths: list[Path]) -> list[str]:

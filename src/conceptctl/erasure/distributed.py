@@ -32,6 +32,12 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_launched_process() -> bool:
+    """Whether this is the launcher's first process (True when run directly): known before any
+    process group exists, for callers that must decide before the work what to write."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class SingleProcess:
     """The one-process case: every operation is the identity, so nothing changes."""
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from conceptctl.erasure.distributed import SingleProcess
 from conceptctl.evaluation.cases import Case
 from conceptctl.sampling import SampleSettings, initial_noise, sample_latents
 
@@ -50,7 +51,7 @@ def _gathered(backbone, mine: torch.Tensor, dist, total: int) -> Drawn:
     mine = mine.cpu()
     images = torch.from_numpy(to_uint8(backbone, mine)) if len(mine) else torch.empty(
         (0, *_picture_shape(backbone)), dtype=torch.uint8)
-    if dist is None or dist.world == 1:
+    if dist.world == 1:
         return Drawn(images.numpy(), mine)
     sizes = dist.shares(total)
     return Drawn(dist.gather(images, sizes).numpy(), dist.gather(mine.float(), sizes))
@@ -66,8 +67,9 @@ def draw_cases(backbone, cases: Sequence[Case], draw: DrawSettings,
         prompts=tuple(c.prompt for c in cases), images_per_prompt=draw.images_per_prompt,
         steps=draw.steps, guidance=draw.guidance, batch_size=draw.batch_size,
         prompt_seeds=tuple(c.seed for c in cases))
+    dist = dist or SingleProcess()
     total = len(cases) * draw.images_per_prompt
-    rows = dist.shard(total) if dist is not None else slice(0, total)
+    rows = dist.shard(total)
     if rows.stop > rows.start:
         latents = sample_latents(backbone, settings, on_step=on_step, rows=rows)
     else:  # more processes than pictures
@@ -88,9 +90,9 @@ def draw_embeddings(backbone, prompt_embeds: torch.Tensor, seeds: Sequence[int],
     i of ``prompt_embeds`` is drawn ``images_per_prompt`` times from seeds ``seeds[i] + k``."""
     jobs = [(i, seeds[i] + k) for i in range(len(prompt_embeds))
             for k in range(draw.images_per_prompt)]
+    dist = dist or SingleProcess()
     total = len(jobs)
-    if dist is not None:
-        jobs = jobs[dist.shard(total)]
+    jobs = jobs[dist.shard(total)]
     empty = backbone.encode_prompts([""])
     size = backbone.resolution
     chunks = []

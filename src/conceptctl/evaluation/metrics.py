@@ -15,6 +15,7 @@ returns :class:`Score` rows; docs/evaluate.md defines every one and its directio
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,8 +183,6 @@ class _Distribution:
         import torch
 
         module = _FeatureModule(run.detector, int(probe.shape[1]))
-        import warnings
-
         with warnings.catch_warnings():  # "will save all extracted features": a few hundred here
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
             metric = self._metric(module, len(idx))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conceptctl.erasure.distributed import SingleProcess
 from conceptctl.errors import UsageError
 from conceptctl.evaluation.cases import Case, Suite, read_prompt_csv
 from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
@@ -80,14 +81,11 @@ class EvalRun:
     draw: DrawSettings
     no_detector_note: str = ""
     cases_of: list[Case] = field(default_factory=list)
-    # The processes drawing pictures (conceptctl.erasure.distributed); one unless launched by
-    # accelerate with several. Attacks pass it on to draw_cases / draw_embeddings.
-    dist: object = None
+    # The processes drawing pictures; one unless launched by accelerate with several. Attacks
+    # pass it on to draw_cases / draw_embeddings.
+    dist: SingleProcess = field(default_factory=SingleProcess)
 
     def __post_init__(self) -> None:
-        from conceptctl.erasure.distributed import SingleProcess
-
-        self.dist = self.dist or SingleProcess()
         k = self.suite.images_per_prompt
         self.cases_of = [c for c in self.suite.cases for _ in range(k)]
 
