@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from conceptctl.fileio import atomic_file
 from conceptctl.fingerprint import module_digest
 from conceptctl.sampling import SampleSettings, sample_latents
 
@@ -85,12 +84,6 @@ def anchor_latents(
 
 
 def _write(path: Path, latents: torch.Tensor, settings: SampleSettings) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".anchors-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file({"latents": latents}, tmp, metadata={
+    with atomic_file(path, overwrite=True) as tmp:  # another run may have cached it meanwhile
+        save_file({"latents": latents}, str(tmp), metadata={
             "conceptctl": json.dumps({"settings": asdict(settings)})})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

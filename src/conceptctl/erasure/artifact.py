@@ -21,8 +21,6 @@ it copies values.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from conceptctl.errors import ConceptctlError
+from conceptctl.fileio import atomic_file
 from conceptctl.fingerprint import tensor_digest
 
 FORMAT_VERSION = 1
@@ -60,13 +59,8 @@ class Artifact:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(path, overwrite=True) as tmp:  # a resumed run rewrites its files
+        write(str(tmp))
 
 
 def write_artifact(out_dir: Path, weights: dict[str, torch.Tensor], manifest: dict,
