@@ -42,8 +42,7 @@ def export(
     force: Annotated[bool, typer.Option(
         "--force", help="Export even if the base's tensors differ from the artifact's record "
         "(said in the output and recorded in the files).")] = False,
-    overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace the target if it already exists.")] = False,
+    overwrite: options.Overwrite = False,
     json_output: options.Json = False,
 ) -> None:
     """Export an erased model: a diffusers folder, a LoRA, one original-layout file or a delta."""
