@@ -14,10 +14,11 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from typer.models import CommandInfo, TyperInfo
 
 from conceptctl import __version__
 from conceptctl.cli import console
-from conceptctl.errors import ConceptctlError
+from conceptctl.errors import ConceptctlError, PluginError
 
 ENV_DEBUG = "CONCEPTCTL_DEBUG"
 
@@ -40,15 +41,70 @@ def _root(
     """Erase concepts from text-to-image diffusion models, prove they are gone, ship the result."""
 
 
-def _command_names(app: typer.Typer) -> set[str]:
-    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    names |= {g.name or "" for g in app.registered_groups}
-    return names
+class _Ledger:
+    """The app's commands as of the last plugin whose commands were accepted.
+
+    Plugins get the real app (the hook's contract), so what one plugin did is found by comparing
+    with this, and what a failing or refused plugin did is undone by restoring it.
+    """
+
+    def __init__(self, app: typer.Typer) -> None:
+        self.app = app
+        self.accept()
+
+    def accept(self) -> None:
+        self.commands = list(self.app.registered_commands)
+        self.groups = list(self.app.registered_groups)
+
+    def restore(self) -> None:
+        self.app.registered_commands = list(self.commands)
+        self.app.registered_groups = list(self.groups)
+
+    def added(self) -> list:
+        """Commands and groups added since; PluginError if an accepted one was taken away."""
+        now = [*self.app.registered_commands, *self.app.registered_groups]
+        kept = {id(item) for item in [*self.commands, *self.groups]}
+        if len(kept & {id(item) for item in now}) < len(kept):
+            raise PluginError("removed commands that other plugins registered")
+        return [item for item in now if id(item) not in kept]
+
+
+def _names_of(item: CommandInfo | TyperInfo) -> list[str]:
+    """The top-level names one registration gives, as typer resolves them (a group added
+    without a name adds its commands). Building it here also catches a command typer rejects."""
+    probe = typer.Typer()
+    if isinstance(item, CommandInfo):
+        probe.registered_commands.append(item)
+    else:
+        probe.registered_groups.append(item)
+    try:
+        return list(typer.main.get_group(probe).commands)
+    except Exception as err:
+        raise PluginError(f"added a command typer cannot build: {type(err).__name__}: "
+                          f"{' '.join(str(err).split())}") from err
+
+
+def _accept_commands(ledger: _Ledger, plugin: str) -> None:
+    """Record the commands ``plugin`` just added; PluginError if one is not acceptable."""
+    mine: list[str] = []
+    for item in ledger.added():
+        for name in _names_of(item):
+            first = COMMAND_OWNERS.get(name, plugin if name in mine else None)
+            if first is not None:  # refused, like a duplicate component name
+                raise PluginError(f"command {name!r} is registered twice: by plugin {first!r} "
+                                  f"and by plugin {plugin!r}")
+            mine.append(name)
+    COMMAND_OWNERS.update(dict.fromkeys(mine, plugin))
+    ledger.accept()
 
 
 def build_app() -> typer.Typer:
-    """The root app with every loaded plugin's commands."""
-    from conceptctl.plugins import call_each_plugin
+    """The root app with every loaded plugin's commands.
+
+    A plugin whose hook fails, or whose commands clash with commands already there (built-ins
+    come first), adds none of them and is recorded as failed: the other commands keep working.
+    """
+    from conceptctl.plugins import call_each_plugin, record_failure
 
     app = typer.Typer(
         name="conceptctl",
@@ -58,15 +114,18 @@ def build_app() -> typer.Typer:
     )
     app.callback()(_root)
     COMMAND_OWNERS.clear()
-    seen = _command_names(app)
+    ledger = _Ledger(app)
 
     def args_for(plugin: str) -> dict:
+        ledger.restore()  # drop what a plugin whose hook raised had added before it failed
         return {"app": app}
 
     for plugin in call_each_plugin("register_commands", args_for):
-        now = _command_names(app)
-        COMMAND_OWNERS.update({name: plugin for name in now - seen})
-        seen = now
+        try:
+            _accept_commands(ledger, plugin)
+        except PluginError as err:
+            record_failure(plugin, f"{err.message}; the commands of {plugin!r} are left out")
+    ledger.restore()
     return app
 
 

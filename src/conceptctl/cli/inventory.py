@@ -12,7 +12,7 @@ from conceptctl.cli import COMMAND_OWNERS, console, options
 
 
 def plugins(json_output: options.Json = False) -> None:
-    """List loaded plugins, what each registers, and plugins that failed to load."""
+    """List loaded plugins, what each registers (commands included), and plugins that failed."""
     from conceptctl.plugins import ENV_PLUGINS, plugin_failures, plugin_infos
     from conceptctl.registry import KINDS, get_registry
 
@@ -37,11 +37,14 @@ def plugins(json_output: options.Json = False) -> None:
     table = Table(title="conceptctl plugins", title_justify="left")
     for column in ("plugin", "package", "version", "registers"):
         table.add_column(column)
+    failed = {f.name for f in failures}
     for info in infos:
         what = registered.get(info.name, {})
-        listed = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in what.items())
+        listed = escape("\n".join(f"{kind}: {', '.join(names)}" for kind, names in what.items()))
+        # A loaded plugin can still have failed in a hook or had its commands refused.
+        flag = ["[red]failed, see below[/]"] if info.name in failed else []
         table.add_row(escape(info.name), escape(info.package), info.version,
-                      escape(listed) or "[dim]nothing[/]")
+                      "\n".join([listed or "[dim]nothing[/]", *flag]))
     console.out.print(table)
     for failure in failures:
         console.err.print(f"[red]plugin {escape(failure.name)} failed:[/] "
