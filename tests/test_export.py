@@ -372,7 +372,8 @@ def test_interrupted_export_leaves_no_target(artifacts, tmp_path, error):
         with pytest.raises(type(error)):
             export_artifact(artifact, fmt, target)
         assert not target.exists()
-        assert list(out_dir.iterdir()) == []  # no temporary left behind either
+        # No temporary or lock left behind either, nor the folder the export made for it.
+        assert not out_dir.exists()
 
 
 def test_existing_target_needs_overwrite(artifacts, tmp_path, cli):
@@ -382,8 +383,14 @@ def test_existing_target_needs_overwrite(artifacts, tmp_path, cli):
     result = cli("export", artifact, "--format", "delta", "--out", out)
     assert result.code == 1 and "already exists" in result.err
     assert out.read_bytes() == b"keep me"
-    assert cli("export", artifact, "--format", "delta", "--out", out, "--overwrite").code == 0
-    assert _header(out)["kind"] == "delta"
+    # --overwrite replaces only a file conceptctl wrote (its header says so), never the user's.
+    result = cli("export", artifact, "--format", "delta", "--out", out, "--overwrite")
+    assert result.code == 1 and "conceptctl did not write" in result.err
+    assert out.read_bytes() == b"keep me"
+    ours = tmp_path / "ours.safetensors"
+    assert cli("export", artifact, "--format", "delta", "--out", ours).code == 0
+    assert cli("export", artifact, "--format", "delta", "--out", ours, "--overwrite").code == 0
+    assert _header(ours)["kind"] == "delta"
 
 
 def test_exporters_are_plugins(cli):

@@ -1,6 +1,7 @@
 """``conceptctl sample`` end to end on both tiny pipelines: files, sidecar, determinism, errors."""
 
 import json
+import os
 
 import pytest
 from PIL import Image
@@ -98,9 +99,18 @@ def test_existing_output_is_refused_before_sampling(cli, tiny_sd1, tmp_path):
     result = cli("sample", "x", "-b", tiny_sd1, "-o", out)
     assert result.code == 1 and "already exists" in result.err and "--overwrite" in result.err
     assert (out / "keep.txt").read_text() == "mine"
-    assert cli("sample", "x", "-b", tiny_sd1, "-n", "1", "--steps", "1", "-o", out,
-               "--overwrite").code == 0
-    assert not (out / "keep.txt").exists() and (out / "samples.json").exists()
+    # --overwrite replaces only what conceptctl wrote: a user's folder stays as it is.
+    result = cli("sample", "x", "-b", tiny_sd1, "-n", "1", "--steps", "1", "-o", out,
+                 "--overwrite")
+    assert result.code == 1 and "conceptctl did not write" in result.err
+    assert (out / "keep.txt").read_text() == "mine" and sorted(os.listdir(out)) == ["keep.txt"]
+    ours = tmp_path / "ours"
+    args = ("sample", "x", "-b", tiny_sd1, "-n", "1", "--steps", "1", "-o", ours)
+    assert cli(*args).code == 0
+    (ours / "000-x-00.png").unlink()
+    assert cli(*args, "--overwrite").code == 0
+    assert (ours / "000-x-00.png").exists() and (ours / "samples.json").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging, no lock
 
 
 def test_output_folder_gets_ordinary_permissions(cli, tiny_sd1, tmp_path):

@@ -12,16 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from conceptctl.errors import OutputExistsError
-
-
-def check_output_free(target: Path, overwrite: bool) -> None:
-    """Refuse early (before any work) when ``target`` exists and holds something."""
-    if target.exists() and not overwrite and (target.is_file() or any(target.iterdir())):
-        raise OutputExistsError(
-            f"{target} already exists",
-            hint="choose another output path, or pass --overwrite to replace it",
-        )
+from conceptctl.outputs import check_output_free, output_lock
 
 
 def next_free_dir(base: Path) -> Path:
@@ -45,26 +36,44 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
 
     On any error the staging folder is deleted and ``target`` is untouched. The final step is a
     rename on the same file system, so readers see either the old folder or the complete new one.
+    Only a folder conceptctl wrote is ever replaced (:func:`conceptctl.outputs.check_output_free`),
+    and the output's lock is held throughout.
     """
     target = Path(target)
-    check_output_free(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    check_output_free(target, overwrite, "folder")
+    with output_lock(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            # mkdtemp makes a private (0700) folder; the result should get the usual permissions.
+            staging.chmod(0o777 & ~_umask())
+            yield staging
+            check_output_free(target, overwrite, "folder")  # still true after the work?
+            _replace_folder(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first (rename() cannot
+    replace a non-empty folder) and deleted only once the new one is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     try:
-        # mkdtemp makes a private (0700) folder; the result should get the usual permissions.
-        staging.chmod(0o777 & ~_umask())
-        yield staging
-        if target.exists():
-            # Move the old one aside first: rename() cannot replace a non-empty folder.
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, trash / "old")
-            os.replace(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        os.replace(target, trash / "old")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        trash.rmdir()
         raise
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(trash / "old", target)  # put the old one back
+        trash.rmdir()
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def make_shareable(path: Path) -> None:
@@ -77,26 +86,36 @@ def make_shareable(path: Path) -> None:
 
 
 @contextmanager
-def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path next to ``target``; on success it is renamed to ``target``.
+def staged_file(target: Path, before_replace=None) -> Iterator[Path]:
+    """Yield a temporary file path next to ``target``; on success it is renamed over ``target``.
 
-    The single-file counterpart of :func:`atomic_directory`: on any error (or an interrupt) the
-    temporary file is removed and ``target`` is untouched, so readers never see half a file.
+    On any error (or an interrupt) the temporary file is removed and ``target`` is untouched, so
+    readers never see half a file. No ownership check: for files inside a folder conceptctl
+    owns (an artifact, the anchor cache, settings); user-named outputs use :func:`atomic_file`.
     """
     target = Path(target)
-    if target.is_dir():
-        raise OutputExistsError(f"{target} is a folder; this output is a single file",
-                                hint="give a file name, e.g. NAME.safetensors")
-    check_output_free(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
         make_shareable(tmp)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`staged_file` for an output the user named: the single-file counterpart of
+    :func:`atomic_directory` (only a file conceptctl wrote is replaced; the lock is held)."""
+    target = Path(target)
+    check_output_free(target, overwrite, "file")
+    with output_lock(target), staged_file(
+            target, before_replace=lambda: check_output_free(target, overwrite, "file")) as tmp:
+        yield tmp
 
 
 def write_json(path: Path, data: Any) -> None:

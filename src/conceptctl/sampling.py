@@ -8,6 +8,7 @@ side-by-side comparison of prompts or models wants.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -49,11 +50,37 @@ class SampleSettings:
             raise UsageError("seed must be between 0 and 2**63 - 1")
         if self.prompt_seeds is not None and len(self.prompt_seeds) != len(self.prompts):
             raise UsageError("give one seed per prompt")
-        if self.guidance is not None and self.guidance < 0:
-            raise UsageError("guidance must be 0 or more (1 or less disables guidance)")
+        # NaN fails every comparison (Typer reads 'nan' as a number); inf would draw NaN images.
+        if self.guidance is not None and not (0 <= self.guidance < math.inf):
+            raise UsageError(f"guidance must be a finite number, 0 or more, not {self.guidance}",
+                             hint="1 or less disables guidance; leave it out for the backbone's "
+                             "default")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise UsageError("resolution must be a positive multiple of 8")
 
+
+    def check_sizes(self, native: int, pictures: bool = False) -> None:
+        """Refuse sizes that would exhaust memory, before anything is allocated. The limits
+        scale with the backbone's ``native`` side; ``pictures``: every picture is held in memory
+        (for the grid) until written."""
+        side = self.resolution or native
+        limit = MAX_RESOLUTION_SCALE * native
+        if side > limit:
+            raise UsageError(f"resolution {side} is above this backbone's limit of {limit} px "
+                             f"({MAX_RESOLUTION_SCALE}x its native {native} px)",
+                             hint=f"use --resolution {native} (native) or at most {limit}")
+        max_batch = max(1, MAX_BATCH_AT_NATIVE * native**2 // side**2)
+        if self.batch_size > max_batch:
+            raise UsageError(f"batch size {self.batch_size} is above this backbone's limit of "
+                             f"{max_batch} images per batch at {side} px",
+                             hint=f"use --batch-size {max_batch} or less: a smaller batch draws "
+                             "the same images, only more slowly")
+        count = len(self.prompts) * self.images_per_prompt
+        held = count * side * side * 3 * 2  # the pictures, and the grid that shows them all
+        if pictures and held > MAX_PICTURE_BYTES:
+            raise UsageError(f"{count} pictures of {side} px would take {held / 2**30:.0f} GiB of "
+                             f"memory; the limit is {MAX_PICTURE_BYTES // 2**30} GiB",
+                             hint="draw fewer images per prompt (-n) or fewer prompts per call")
 
     def for_backbone(self, backbone: Backbone) -> SampleSettings:
         """These settings with every unset value filled from the backbone's defaults."""
@@ -69,6 +96,13 @@ class SampleSettings:
 
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 7.5
+# Size limits, relative to a backbone's native side (SD 1.x: 512 px, the toy: 64 px). Past 4x
+# its native side a model draws noise at a memory cost that grows with the square. The batch
+# limit holds the pixels of a batch to those of 256 native-size images (16 at 4x the side, so the
+# default batch of 8 always fits), far past what any GPU needs for full speed.
+MAX_RESOLUTION_SCALE = 4
+MAX_BATCH_AT_NATIVE = 256
+MAX_PICTURE_BYTES = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -99,6 +133,7 @@ def _denoise_batches(
     """Run the pipeline batch by batch; yield (jobs, outputs) with jobs = (prompt index, prompt,
     image index, seed). ``rows`` keeps only that part of the job list (one process's share)."""
     settings.check()
+    settings.check_sizes(backbone.resolution, pictures=output_type == "pil")
     settings = settings.for_backbone(backbone)
     size = settings.resolution
     jobs = [

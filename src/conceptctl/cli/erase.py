@@ -82,8 +82,10 @@ def erase(
     from conceptctl.backbones.resolve import resolve_backbone
     from conceptctl.erasure.anchors import guess_type
     from conceptctl.erasure.config import EraseConfig, preset
+    from conceptctl.erasure.distributed import is_main_launched_process
     from conceptctl.erasure.run import check_config
-    from conceptctl.fileio import check_output_free, next_free_dir
+    from conceptctl.fileio import next_free_dir
+    from conceptctl.outputs import check_output_free
     from conceptctl.sampling import slug
     from conceptctl.settings import load_settings
 
@@ -107,8 +109,8 @@ def erase(
     out = output or next_free_dir(Path("erased") / f"{slug(concept)}-{cfg.method}")
     # Settle bad input before any progress display starts, so the error is the first line.
     check_config(cfg)
-    if resume is None:
-        check_output_free(out, overwrite)
+    if resume is None and is_main_launched_process():  # only the main process writes
+        check_output_free(out, overwrite, "folder")
     result = _run(cfg, out, resume, overwrite, device, dtype)
     if not result.main_process:
         return  # a data-parallel run reports once, from its main process

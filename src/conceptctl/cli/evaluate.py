@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -102,8 +103,10 @@ def evaluate(
     the original and the erased model from the same seeds, judges every picture, attacks the
     erased model, and writes report.json and report.html.
     """
+    from conceptctl.erasure.distributed import is_main_launched_process
     from conceptctl.evaluation.run import EvalOptions, check_options
-    from conceptctl.fileio import check_output_free, next_free_dir
+    from conceptctl.fileio import next_free_dir
+    from conceptctl.outputs import check_output_free, claim_output
 
     if len(artifacts) > 1 and not compare:
         raise UsageError("several artifacts need --compare",
@@ -126,8 +129,13 @@ def evaluate(
         out = output or next_free_dir(Path("evaluations") / "compare")
     else:
         out = output or next_free_dir(Path("evaluations") / artifacts[0].resolve().name)
-    check_output_free(out, overwrite)
-    results = _run(artifacts, opts, out, compare, overwrite)
+    # One writer per report folder; in a data-parallel run only the main process writes, so only
+    # it checks and holds the output (the others would find its lock).
+    main = is_main_launched_process()
+    if main:
+        check_output_free(out, overwrite, "folder")
+    with claim_output(out, overwrite, "folder") if main else nullcontext():
+        results = _run(artifacts, opts, out, compare, overwrite)
     if not results:
         return  # another process of a data-parallel run: the main one reports
     if json_output:

@@ -78,7 +78,8 @@ def sample(
     json_output: options.Json = False,
 ) -> None:
     """Draw images for prompts. Image k of each prompt uses seed + k, so reruns are identical."""
-    from conceptctl.fileio import check_output_free, next_free_dir
+    from conceptctl.fileio import next_free_dir
+    from conceptctl.outputs import check_output_free, claim_output
     from conceptctl.sampling import SampleSettings, slug
 
     prompts = list(prompt or [])
@@ -92,18 +93,32 @@ def sample(
     )
     settings.check()
     target = out if out is not None else next_free_dir(Path("samples") / slug(prompts[0]))
-    check_output_free(target, overwrite)  # fail before minutes of sampling, not after
+    check_output_free(target, overwrite, "folder")  # fail before minutes of sampling
 
     if compare and model is None:
         raise UsageError("--compare needs --model ARTIFACT (the erased model to compare)")
-    written = _run(settings, target, overwrite, backbone, backbone_config, allow_pickle, device,
-                   dtype, model, compare, force)
+    with claim_output(target, overwrite, "folder"):  # one writer from here to the last file
+        written = _run(settings, target, overwrite, backbone, backbone_config, allow_pickle,
+                       device, dtype, model, compare, force)
     count = len(prompts) * n
     if json_output:
         console.out.print_json(data={"out": str(written), "images": count,
                                      "sidecar": str(written / "samples.json")})
     else:
         console.out.print(f"{count} image(s) in {written}  (grid: {written / 'grid.png'})")
+
+
+def _check_sizes_early(settings, backbone: str | None, allow_pickle: bool) -> None:
+    """Sizes against the backbone's known native side, before its weights load (a backbone
+    whose side is only known once loaded is checked then, still before any sampling)."""
+    from conceptctl.backbones.resolve import resolve_backbone
+    from conceptctl.settings import load_settings
+
+    config = load_settings()
+    spec = resolve_backbone(backbone or config.default_backbone, settings=config,
+                            allow_pickle=allow_pickle)
+    if spec.resolution:
+        settings.check_sizes(spec.resolution, pictures=True)
 
 
 def _run(settings, target, overwrite, backbone, backbone_config, allow_pickle, device, dtype,
@@ -119,6 +134,7 @@ def _run(settings, target, overwrite, backbone, backbone_config, allow_pickle, d
 
         artifact = read_artifact(model_dir)
         backbone = backbone or artifact.base["name"]
+    _check_sizes_early(settings, backbone, allow_pickle)
     with console.err.status("loading backbone…"):
         model = open_backbone(backbone, device=device, dtype=dtype, config=backbone_config,
                               allow_pickle=allow_pickle)

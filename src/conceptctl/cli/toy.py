@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -39,23 +37,24 @@ def render(
     overwrite: options.Overwrite = False,
 ) -> None:
     """Render one picture of the toy world (64x64 PNG); the same seed gives the same pixels."""
-    from conceptctl.fileio import check_output_free
+    from PIL.PngImagePlugin import PngInfo
+
+    from conceptctl import __version__
+    from conceptctl.fileio import atomic_file
+    from conceptctl.outputs import PNG_MARK
     from conceptctl.toy.render import render as draw
     from conceptctl.toy.world import Concept
 
     concept = Concept(_axis_value("object", object_), _axis_value("style", style),
                       _axis_value("color", color))
     if out.suffix.lower() != ".png":
-        raise UsageError(f"--out must be a .png file, not {out.name!r}")
-    check_output_free(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        draw(concept, seed).save(tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"--out must be a .png file, not {out.name!r}",
+                         hint=f"e.g. --out {out.stem or 'picture'}.png")
+    # The mark lets a later --overwrite know this file is conceptctl's to replace.
+    mark = PngInfo()
+    mark.add_text(PNG_MARK, f"conceptctl {__version__} toy render, seed {seed}")
+    with atomic_file(out, overwrite) as tmp:
+        draw(concept, seed).save(tmp, format="PNG", pnginfo=mark)
     console.out.print(str(out))
 
 

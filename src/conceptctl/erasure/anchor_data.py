@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from conceptctl.fileio import atomic_file
+from conceptctl.fileio import staged_file
 from conceptctl.fingerprint import module_digest
 from conceptctl.sampling import SampleSettings, sample_latents
 
@@ -84,6 +84,6 @@ def anchor_latents(
 
 
 def _write(path: Path, latents: torch.Tensor, settings: SampleSettings) -> None:
-    with atomic_file(path, overwrite=True) as tmp:  # another run may have cached it meanwhile
+    with staged_file(path) as tmp:  # another run may have cached it meanwhile
         save_file({"latents": latents}, str(tmp), metadata={
             "conceptctl": json.dumps({"settings": asdict(settings)})})

@@ -28,8 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from conceptctl.erasure.finite import NonFiniteWeightsError, first_non_finite
 from conceptctl.errors import ConceptctlError
-from conceptctl.fileio import atomic_file
+from conceptctl.fileio import staged_file
 from conceptctl.fingerprint import tensor_digest
 
 FORMAT_VERSION = 1
@@ -59,14 +60,18 @@ class Artifact:
 
 
 def _atomic_write(path: Path, write) -> None:
-    with atomic_file(path, overwrite=True) as tmp:  # a resumed run rewrites its files
+    with staged_file(path) as tmp:  # a resumed run rewrites its files
         write(str(tmp))
 
 
 def write_artifact(out_dir: Path, weights: dict[str, torch.Tensor], manifest: dict,
                    model_card: str) -> None:
     """Write the three artifact files, each atomically; the manifest last, so a folder with a
-    manifest is always complete."""
+    manifest is always complete. Non-finite weights are refused: nothing could use them."""
+    problem = first_non_finite(weights)
+    if problem is not None:
+        raise NonFiniteWeightsError(f"refusing to write {out_dir / WEIGHTS}: {problem}",
+                                    hint=_NON_FINITE_HINT)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {HEADER_KEY: json.dumps({k: manifest[k] for k in (
         "format_version", "concept", "anchor", "concept_type", "method", "base")})}
@@ -89,7 +94,20 @@ def read_artifact(path: Path) -> Artifact:
                               ".safetensors file from 'conceptctl export --format delta'")
     manifest = json.loads(manifest_file.read_text())
     _check_format_version(path, manifest)
-    return Artifact(path, manifest, load_file(str(path / WEIGHTS)))
+    return Artifact(path, manifest, _finite(path / WEIGHTS, load_file(str(path / WEIGHTS))))
+
+
+# A NaN or infinite weight makes every picture NaN (black): training diverged, or the file broke.
+_NON_FINITE_HINT = ("erase again (with a lower --lr or --d-lr if its training diverged) and use "
+                    "that artifact")
+
+
+def _finite(file: Path, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` read from ``file``, if every value is finite."""
+    problem = first_non_finite(dict(sorted(weights.items())))
+    if problem is not None:
+        raise NonFiniteWeightsError(f"{file} is unusable: {problem}", hint=_NON_FINITE_HINT)
+    return weights
 
 
 def _check_format_version(path: Path, record: dict) -> None:
@@ -120,7 +138,7 @@ def _read_delta(path: Path) -> Artifact:
                               hint="see docs/export.md for how to load each format; "
                               + not_delta)
     _check_format_version(path, record)
-    return Artifact(path, record, load_file(str(path)))
+    return Artifact(path, record, _finite(path, load_file(str(path))))
 
 
 # Dtypes a base may be loaded in to sample from an artifact trained in float32 (``--dtype auto``

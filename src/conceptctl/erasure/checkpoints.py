@@ -3,7 +3,10 @@
 A checkpoint holds the trainable tensors, each optimiser's state, the discriminator (if any), the
 training random generator's state, the loop history and small JSON extras (the fp16 loss scale).
 Optimiser states are flattened into safetensors (tensors) plus JSON (hyperparameters), so loading
-one never runs code.
+one never runs code. ``config.json`` records the run it belongs to (its settings, base weights and
+anchor images: conceptctl.erasure.resume), so that a resume can be checked against it.
+
+Only finite tensors are written (and read): a checkpoint is what a diverged run falls back on.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from conceptctl.erasure.finite import NonFiniteWeightsError, first_non_finite
+
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+RUN_FILE = "config.json"  # the run's settings, beside state.json
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -55,23 +61,27 @@ def save_checkpoint(
     history: list[dict],
     keep: int,
     extra: dict | None = None,
+    run: dict | None = None,
 ) -> Path:
-    """Write ``out_dir/checkpoint-{step}`` atomically, then keep only the newest ``keep``."""
+    """Write ``out_dir/checkpoint-{step}`` atomically, then keep only the newest ``keep``.
+    ``run``: the run's record (conceptctl.erasure.resume), written to ``config.json``. Refuses
+    non-finite tensors, so the checkpoints on disk stay the last finite state."""
+    files = {"trainable": {k: v.detach().cpu().contiguous() for k, v in trainable.items()}}
+    meta: dict = {"step": step, "optimizers": {}, "modules": list(modules), "extra": extra or {}}
+    for name, opt in optimizers.items():
+        files[f"optimizer-{name}"], meta["optimizers"][name] = _optimizer_tensors(opt)
+    for name, module in modules.items():
+        files[f"module-{name}"] = {k: v.detach().cpu().contiguous()
+                                   for k, v in module.state_dict().items()}
+    _refuse_non_finite(files, f"refusing to write checkpoint-{step}")
     final = out_dir / f"checkpoint-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=out_dir))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-                  str(staging / "trainable.safetensors"))
-        meta: dict = {"step": step, "optimizers": {}, "modules": list(modules),
-                      "extra": extra or {}}
-        for name, opt in optimizers.items():
-            tensors, opt_meta = _optimizer_tensors(opt)
-            save_file(tensors, str(staging / f"optimizer-{name}.safetensors"))
-            meta["optimizers"][name] = opt_meta
-        for name, module in modules.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-                      str(staging / f"module-{name}.safetensors"))
+        for file, tensors in files.items():
+            save_file(tensors, str(staging / f"{file}.safetensors"))
         save_file({"state": generator.get_state()}, str(staging / "rng.safetensors"))
+        if run is not None:
+            (staging / RUN_FILE).write_text(json.dumps(run, indent=1))
         (staging / "state.json").write_text(json.dumps({**meta, "history": history}))
         if final.exists():
             shutil.rmtree(final)
@@ -82,6 +92,22 @@ def save_checkpoint(
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _refuse_non_finite(files: dict[str, dict[str, torch.Tensor]], refusal: str) -> None:
+    for file, tensors in files.items():
+        problem = first_non_finite(tensors)
+        if problem is not None:
+            raise NonFiniteWeightsError(
+                f"{refusal}: {problem} (in {file}.safetensors)",
+                hint="lower --lr (or --d-lr) and start afresh (--overwrite, or another "
+                "--output)")
+
+
+def read_run(path: Path) -> dict | None:
+    """The run record a checkpoint was saved with; None for one written before they were."""
+    file = path / RUN_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -103,14 +129,19 @@ def load_checkpoint(
 ) -> tuple[int, list[dict], dict]:
     """Restore everything :func:`save_checkpoint` wrote; returns (step, history, extra)."""
     meta = json.loads((path / "state.json").read_text())
-    values = load_file(str(path / "trainable.safetensors"))
+    files = {"trainable": load_file(str(path / "trainable.safetensors"))}
+    files |= {f"optimizer-{name}": load_file(str(path / f"optimizer-{name}.safetensors"))
+              for name in optimizers}
+    files |= {f"module-{name}": load_file(str(path / f"module-{name}.safetensors"))
+              for name in modules}
+    # e.g. one written by a conceptctl that did not check
+    _refuse_non_finite(files, f"refusing to resume from {path}")
     with torch.no_grad():
         for name, param in trainable.items():
-            param.copy_(values[name])
+            param.copy_(files["trainable"][name])
     for name, opt in optimizers.items():
-        _load_optimizer(opt, load_file(str(path / f"optimizer-{name}.safetensors")),
-                        meta["optimizers"][name])
+        _load_optimizer(opt, files[f"optimizer-{name}"], meta["optimizers"][name])
     for name, module in modules.items():
-        module.load_state_dict(load_file(str(path / f"module-{name}.safetensors")))
+        module.load_state_dict(files[f"module-{name}"])
     generator.set_state(load_file(str(path / "rng.safetensors"))["state"])
     return int(meta["step"]), meta["history"], meta.get("extra", {})

@@ -8,29 +8,40 @@ once, build the method, resume if asked, train, write the artifact.
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import resource
-import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 from conceptctl.erasure.anchors import CONCEPT_TYPES
 from conceptctl.erasure.artifact import FORMAT_VERSION, base_record, write_artifact
-from conceptctl.erasure.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from conceptctl.erasure.checkpoints import load_checkpoint, save_checkpoint
 from conceptctl.erasure.config import EraseConfig
 from conceptctl.erasure.methods import Context, StepStats
 from conceptctl.erasure.params import PARAM_GROUPS, select_parameters
 from conceptctl.erasure.precision import MODES as PRECISION_MODES
 from conceptctl.erasure.precision import Precision
+from conceptctl.erasure.resume import (
+    check_resume,
+    data_record,
+    on_main,
+    resume_point,
+    settings_record,
+)
 from conceptctl.erasure.trainer import LoopState, TrainingData, run_loop
 from conceptctl.errors import OutputExistsError, UsageError
+from conceptctl.fileio import atomic_directory
+from conceptctl.outputs import claim_output, output_lock, written_by_conceptctl
 from conceptctl.registry import get_registry
+from conceptctl.sampling import MAX_BATCH_AT_NATIVE, MAX_PICTURE_BYTES
 
 
 @dataclass
@@ -69,16 +80,18 @@ def check_config(cfg: EraseConfig) -> None:
     if cfg.concept_type not in CONCEPT_TYPES:
         raise UsageError(f"unknown concept type {cfg.concept_type!r}; use "
                          f"{', '.join(CONCEPT_TYPES)}")
+    _check_numbers(cfg)
     for name, minimum in (("steps", 1), ("batch_size", 1), ("anchor_images_per_prompt", 1),
                           ("anchor_steps", 1)):
         if getattr(cfg, name) < minimum:
             raise UsageError(f"{name.replace('_', '-')} must be at least {minimum}")
+    if cfg.batch_size > MAX_BATCH_AT_NATIVE:  # training runs at the backbone's native side
+        raise UsageError(f"batch size {cfg.batch_size} is above the limit of "
+                         f"{MAX_BATCH_AT_NATIVE} images per step",
+                         hint="the reference recipe trains with --batch-size 8")
     if not 0 <= cfg.warmup < cfg.steps:
         raise UsageError(f"warm-up ({cfg.warmup}) must be at least 0 and below steps "
                          f"({cfg.steps})")
-    for name in ("lr", "d_lr"):
-        if not getattr(cfg, name) > 0:
-            raise UsageError(f"{name.replace('_', '-')} must be positive")
     if cfg.mixed_precision not in PRECISION_MODES:
         raise UsageError(f"unknown mixed precision {cfg.mixed_precision!r}; use "
                          f"{', '.join(PRECISION_MODES)}")
@@ -92,15 +105,52 @@ def check_config(cfg: EraseConfig) -> None:
         get_registry("anchor-selector").entry(cfg.anchor_selector)
 
 
-def _prepare_output(out_dir: Path, resume: str | None, overwrite: bool) -> None:
+# The least value of each float setting, and whether it may equal it. Every float must also be
+# finite: Typer reads 'nan' and 'inf' as numbers, and either one trains NaN weights.
+_FLOAT_MINIMA = {"lr": (0, False), "d_lr": (0, False), "max_grad_norm": (0, False),
+                 "weight_decay": (0, True), "surgery_strength": (0, True),
+                 "prior_weight": (0, True), "esd_eta": (0, True), "anchor_guidance": (0, True)}
+
+
+def _check_numbers(cfg: EraseConfig) -> None:
+    """Floats (every one, including any added later) and counts that can never be right."""
+    for f in fields(cfg):
+        if f.type != "float":  # the annotation, a string here (postponed annotations)
+            continue
+        value = getattr(cfg, f.name)
+        least, inclusive = _FLOAT_MINIMA.get(f.name, (-math.inf, True))
+        if not math.isfinite(value) or value < least or (value == least and not inclusive):
+            bound = "" if least == -math.inf else (
+                f", {least} or more" if inclusive else f" above {least}")
+            raise UsageError(f"{f.name.replace('_', '-')} must be a finite number{bound}, "
+                             f"not {value}", hint="leave it out to use the preset's value")
+    for name in ("checkpointing_steps", "checkpoints_total_limit"):  # 0: never / keep all
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"{name.replace('_', '-')} must be 0 or more")
+    if not 0 <= cfg.seed < 2**63:
+        raise UsageError("seed must be between 0 and 2**63 - 1")
+
+
+@contextmanager
+def _output_dir(out_dir: Path, resume: str | None, overwrite: bool,
+                note: Callable[[str], None]) -> Iterator[Path]:
+    """Hold ``out_dir`` for the run and yield where to write: ``out_dir`` itself (new, empty, or
+    the run being resumed), or, when replacing an earlier conceptctl output, a staging folder
+    that takes its place once the artifact is complete (so a failed run leaves the old one)."""
     if resume is not None:
+        with output_lock(out_dir, note):
+            if out_dir.is_dir() and any(out_dir.iterdir()) and not written_by_conceptctl(out_dir):
+                raise OutputExistsError(f"{out_dir} holds files conceptctl did not write; there "
+                                        "is no run to resume there",
+                                        hint="give the --output of the run to continue")
+            yield out_dir
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{out_dir} already exists",
-                                    hint="choose another --output, pass --overwrite to replace "
-                                    "it, or --resume latest to continue its run")
-        shutil.rmtree(out_dir)
+    with claim_output(out_dir, overwrite, "folder", note):
+        if out_dir.is_dir() and any(out_dir.iterdir()):  # allowed: --overwrite of our own output
+            with atomic_directory(out_dir, overwrite=True) as staging:
+                yield staging
+        else:
+            yield out_dir
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -206,10 +256,7 @@ def erase(
     Started by ``accelerate launch`` with several processes, it trains data-parallel
     (conceptctl.erasure.distributed); only the main process writes to ``out_dir``.
     """
-    from conceptctl.backbones.loading import open_backbone
     from conceptctl.erasure import distributed
-    from conceptctl.erasure.anchor_data import anchor_latents
-    from conceptctl.sampling import SampleSettings, library_versions
     from conceptctl.settings import load_settings, resolve_device
 
     started = time.time()
@@ -218,8 +265,27 @@ def erase(
     dist, device = distributed.setup(resolve_device(device or settings.device))
     report = (reporter or Reporter()) if dist.is_main else Reporter()
     out_dir = Path(out_dir)
-    if dist.is_main:
-        _prepare_output(out_dir, resume, overwrite)
+    # Only the main process writes, so only it holds the output (other processes never read it).
+    with (_output_dir(out_dir, resume, overwrite, report.message) if dist.is_main
+          else nullcontext(out_dir)) as work_dir:
+        result = _erase_into(work_dir, cfg, resume=resume, dtype=dtype, settings=settings,
+                             dist=dist, device=device, report=report, started=started)
+    return replace(result, out_dir=out_dir)
+
+
+def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dist, device, report,
+                started: float) -> EraseResult:
+    """The run itself, writing checkpoints and the artifact into ``out_dir`` (the output, or the
+    staging folder that replaces an earlier output once complete)."""
+    from conceptctl.backbones.loading import open_backbone
+    from conceptctl.erasure.anchor_data import anchor_latents, backbone_digest, cache_key
+    from conceptctl.sampling import SampleSettings, library_versions
+
+    # A resumed run must be the checkpoint's own run (conceptctl.erasure.resume): the settings
+    # are compared before anything loads, the rest before the anchor images are drawn.
+    resume_from = resume_point(out_dir, resume, dist)
+    record = settings_record(cfg)
+    check_resume(resume_from, record, dist)
 
     # Trained tensors and optimiser states stay fp32: 'auto' (fp16 on GPUs, right for
     # sampling) would make AdamW lose most updates. --mixed-precision brings the speed instead.
@@ -242,6 +308,7 @@ def erase(
         prompts=anchors.anchor, images_per_prompt=cfg.anchor_images_per_prompt, seed=cfg.seed,
         steps=cfg.anchor_steps, guidance=cfg.anchor_guidance, batch_size=32,
     ).for_backbone(backbone)
+    _check_anchor_count(len(anchors.anchor) * cfg.anchor_images_per_prompt, backbone)
     share = dist.shard(len(anchors.anchor) * cfg.anchor_images_per_prompt)
     total = (share.stop - share.start) * anchor_settings.steps
     done = 0
@@ -251,11 +318,21 @@ def erase(
         done += n
         report.anchor_progress(done, total)
 
+    # The trained tensors' base values (for the manifest), and the anchor cache file's name.
+    base = base_record(select_parameters(backbone.unet, cfg.params))
+    digest = backbone_digest(backbone) if dist.is_main else None
+    if dist.is_main:
+        record |= data_record(backbone.dtype, base,
+                              len(anchors.anchor) * cfg.anchor_images_per_prompt,
+                              f"{cache_key(digest, anchor_settings)}.safetensors")
+    check_resume(resume_from, record, dist)
+
     t0 = time.time()
     # Mixed precision speeds up drawing the anchors as much as training.
     with Precision(cfg.mixed_precision, backbone.device.type).autocast():
         latents, cached, cache_file = anchor_latents(
-            backbone, anchor_settings, settings.cache_dir, on_step=advance, dist=dist)
+            backbone, anchor_settings, settings.cache_dir, digest=digest, on_step=advance,
+            dist=dist)
     anchor_seconds = time.time() - t0
     report.message(("reused" if cached else "generated") +
                    f" {len(latents)} anchor images ({cache_file.name})")
@@ -272,25 +349,12 @@ def erase(
 
     training = prepare_training(backbone, cfg, dist=dist)
     params, state, precision = training.params, training.state, training.precision
-    base = base_record(params)  # before any step: the base values of the trained tensors
 
-    if resume is not None:
-        found = list_checkpoints(out_dir) if dist.is_main else []
-        if resume != "latest":
-            found = [p for p in found if p.name == resume]
-        found = dist.broadcast_object(found)
-        if found:
-            if dist.is_main:
-                state.step, state.history, extra = load_checkpoint(
-                    found[-1], trainable=params, optimizers=training.optimizers,
-                    modules=training.modules, generator=state.generator)
-                if "precision" in extra:
-                    precision.load_state_dict(extra["precision"])
-            report.message(f"resumed from {found[-1].name}")
-        elif resume != "latest":
-            raise UsageError(f"no checkpoint {resume!r} in {out_dir}")
-        else:
-            report.message("no checkpoint to resume from; starting at step 0")
+    if resume_from is not None:
+        on_main(dist, lambda: _restore(resume_from, training))  # the others: _sync_from_main
+        report.message(f"resumed from {resume_from.name}")
+    elif resume is not None:
+        report.message("no checkpoint to resume from; starting at step 0")
     # Every process starts from the main one's state (a resumed checkpoint is read by it only).
     _sync_from_main(dist, training)
     if dist.is_main:
@@ -300,7 +364,7 @@ def erase(
         save_checkpoint(out_dir, step, trainable=params, optimizers=training.optimizers,
                         modules=training.modules, generator=state.generator,
                         history=state.history, keep=cfg.checkpoints_total_limit,
-                        extra={"precision": precision.state_dict()})
+                        extra={"precision": precision.state_dict()}, run=record)
 
     t0 = time.time()
     unet = backbone.unet
@@ -311,7 +375,7 @@ def erase(
              on_step=lambda step, stats: report.step(step, cfg.steps, stats),
              checkpoint=checkpoint if dist.is_main else None,
              checkpoint_every=cfg.checkpointing_steps, precision=precision,
-             num_timesteps=backbone.num_train_timesteps, dist=dist)
+             num_timesteps=backbone.num_train_timesteps, dist=dist, modules=training.modules)
     unet.eval()
     train_seconds = time.time() - t0
 
@@ -328,6 +392,27 @@ def erase(
     dist.barrier()  # no process ends before the artifact is written
     return EraseResult(out_dir, state.step, seconds, peak, cached, notes, dist.world,
                        dist.is_main)
+
+
+def _check_anchor_count(count: int, backbone) -> None:
+    """The anchor latents stay in memory for the whole run: bound them before drawing any."""
+    side = backbone.resolution // backbone.vae_scale_factor
+    held = count * backbone.latent_channels * side * side * 4
+    if held > MAX_PICTURE_BYTES:
+        raise UsageError(f"{count} anchor images would take {held / 2**30:.0f} GiB of memory; "
+                         f"the limit is {MAX_PICTURE_BYTES // 2**30} GiB",
+                         hint="lower --anchor-images (the reference draws about 5 per prompt)")
+
+
+def _restore(checkpoint: Path, training: Training) -> None:
+    """Load ``checkpoint`` into the run: trained tensors, optimisers, modules, generator, step,
+    history and the fp16 loss scale."""
+    state = training.state
+    state.step, state.history, extra = load_checkpoint(
+        checkpoint, trainable=training.params, optimizers=training.optimizers,
+        modules=training.modules, generator=state.generator)
+    if "precision" in extra:
+        training.precision.load_state_dict(extra["precision"])
 
 
 def _sync_from_main(dist, training: Training) -> None:

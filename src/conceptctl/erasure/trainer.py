@@ -3,7 +3,9 @@
 Components (method, discriminator, surgery) are resolved once from the registries by the caller
 and handed in built; the loop never looks at their names. A step: draw a batch of anchor latents
 with their anchor/target prompt embeddings, let the method put gradients in the trainable
-parameters, clip, step, check the losses are finite, and checkpoint now and then.
+parameters, clip, step, check the losses and then the updated weights are finite, and checkpoint
+now and then. The weights are checked after the update and before its checkpoint, so a step that
+makes them NaN or infinite stops training with the last finite checkpoint kept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from conceptctl.erasure.distributed import SingleProcess
+from conceptctl.erasure.finite import NonFiniteWeightsError, all_finite, first_non_finite
 from conceptctl.erasure.methods import Batch, StepStats, draw_noise
 from conceptctl.erasure.precision import Precision
 from conceptctl.errors import ConceptctlError
@@ -23,6 +26,12 @@ from conceptctl.errors import ConceptctlError
 
 class NonFiniteLossError(ConceptctlError):
     """A loss became NaN or infinite; training stopped."""
+
+
+# What to do after a loss or weight went non-finite. Resuming would only repeat the same steps
+# (the run is deterministic and '--resume' refuses other settings), so the way on is afresh.
+_DIVERGED_HINT = ("lower --lr (or --d-lr) and start afresh (--overwrite, or another --output); "
+                  "nothing non-finite was saved")
 
 
 @dataclass
@@ -84,11 +93,16 @@ def run_loop(
     precision: Precision | None = None,
     num_timesteps: int = 1000,
     dist: SingleProcess | None = None,
+    modules: dict[str, torch.nn.Module] | None = None,
 ) -> LoopState:
     """Train from ``state.step`` to ``steps``; ``state`` carries the RNG so a resumed run draws
     exactly the batches an uninterrupted one would. With several processes (``dist``) each
-    works on its share of every batch and all take the same optimiser step."""
+    works on its share of every batch and all take the same optimiser step. ``modules``: what
+    the method trains besides ``params`` (default: its ``state_modules``, e.g. DoCo's
+    discriminator), checked for finite weights with them."""
     trainable = list(params.values())
+    if modules is None:
+        modules = dict(getattr(method, "state_modules", {}))
     precision = precision or Precision("no", torch.device(device).type)
     dist = dist or SingleProcess()
     while state.step < steps:
@@ -101,18 +115,11 @@ def run_loop(
             stats = _combine(stats, trainable, batch.share, dist)
         # fp16: unscale gradients; a step with overflowing ones is skipped (the scale shrinks).
         usable = precision.finish(trainable)
-        for name in ("loss", "preserve_loss", "d_loss"):
-            value = getattr(stats, name)
-            if value is not None and not math.isfinite(value) and stats.generator_step:
-                raise NonFiniteLossError(
-                    f"the {name.replace('_', ' ')} became {value} at step {step}; training "
-                    "stopped",
-                    hint="lower --lr or --d-lr; the last good checkpoint is kept, so "
-                    "'--resume latest' continues from it",
-                )
+        _check_losses(stats, step)
         if stats.generator_step and usable:
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             optimizer.step()
+        _check_weights(params, modules, step)  # before this step's checkpoint is written
         state.step = step
         state.history.append({"step": step, "time": time.time(), **{
             k: v for k, v in vars(stats).items() if v is not None}})
@@ -124,6 +131,33 @@ def run_loop(
 
 
 _LOSSES = ("loss", "preserve_loss", "d_loss")
+
+
+def _check_losses(stats: StepStats, step: int) -> None:
+    """Stop at a non-finite loss. During a warm-up step only the discriminator's counts: the
+    generator's loss is NaN there by design (nothing computed it)."""
+    for name in _LOSSES:
+        value = getattr(stats, name)
+        counts = stats.generator_step or name == "d_loss"
+        if value is not None and not math.isfinite(value) and counts:
+            raise NonFiniteLossError(
+                f"the {name.replace('_', ' ')} became {value} at step {step}; training stopped",
+                hint=_DIVERGED_HINT)
+
+
+def _check_weights(params: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module],
+                   step: int) -> None:
+    """Stop if the step just taken made a trained tensor (or a module's) NaN or infinite: a
+    finite loss before an update says nothing about the weights after it. One fused check
+    (conceptctl.erasure.finite); the names are looked up only when it fails."""
+    tensors = [*params.values(), *(t for m in modules.values() for t in m.state_dict().values())]
+    if all_finite(tensors):
+        return
+    named = {**params, **{f"{m}.{k}": t for m, module in modules.items()
+                          for k, t in module.state_dict().items()}}
+    raise NonFiniteWeightsError(
+        f"the weights became non-finite at step {step} ({first_non_finite(named)}); training "
+        "stopped before saving them", hint=_DIVERGED_HINT)
 
 
 def _combine(stats: StepStats, trainable: list[torch.Tensor], share: float,

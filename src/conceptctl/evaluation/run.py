@@ -23,6 +23,7 @@ from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
 from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases
 from conceptctl.fingerprint import file_sha256
 from conceptctl.registry import get_registry
+from conceptctl.sampling import SampleSettings
 
 DEFAULT_ATTACKS = ("embedding", "paraphrase")
 PASS_THRESHOLD = 0.9  # the verdict's bar for erasure success and preservation
@@ -99,6 +100,8 @@ def check_options(opts: EvalOptions) -> None:
         raise UsageError("--images-per-prompt must be at least 1")
     if opts.attack_cases < 1:
         raise UsageError("--attack-cases must be at least 1")
+    # --steps and --guidance (NaN and inf included) as the sampler would refuse them, but now.
+    SampleSettings(prompts=("x",), steps=opts.steps, guidance=opts.guidance).check()
     for name in opts.metrics or ():
         get_registry("metric").entry(name)
     for name in opts.attacks:
@@ -141,7 +144,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     from conceptctl.backbones.loading import open_backbone
     from conceptctl.erasure import distributed
     from conceptctl.erasure.artifact import apply_artifact, read_artifact
-    from conceptctl.sampling import SampleSettings, library_versions
+    from conceptctl.sampling import library_versions
     from conceptctl.settings import load_settings, resolve_device
 
     started = time.time()

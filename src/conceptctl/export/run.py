@@ -40,7 +40,7 @@ def default_target(artifact_path: Path, fmt: str, writes: str) -> Path:
 
 
 def _check_target(target: Path, writes: str, fmt: str, overwrite: bool) -> None:
-    from conceptctl.fileio import check_output_free
+    from conceptctl.outputs import check_output_free
 
     if writes == "file" and target.suffix.lower() != ".safetensors":
         raise UsageError(f"the {fmt} format writes one .safetensors file; {target} does not end "
@@ -49,7 +49,7 @@ def _check_target(target: Path, writes: str, fmt: str, overwrite: bool) -> None:
         raise UsageError(f"{target} is a folder; the {fmt} format writes one file")
     if writes == "folder" and target.is_file():
         raise UsageError(f"{target} is a file; the {fmt} format writes a folder")
-    check_output_free(target, overwrite)  # fail before minutes of loading, not after
+    check_output_free(target, overwrite, writes)  # fail before minutes of loading, not after
 
 
 def check_request(fmt: str, options: dict[str, Any]):
@@ -82,6 +82,7 @@ def export_artifact(
 ) -> ExportResult:
     """Export the artifact (folder or delta file) at ``artifact_path`` as ``fmt`` to ``out``."""
     from conceptctl.erasure.artifact import read_artifact
+    from conceptctl.outputs import claim_output
     from conceptctl.runtime import DTYPE_NAMES
 
     started = time.time()
@@ -94,11 +95,12 @@ def export_artifact(
                                                                  exporter.writes)
     _check_target(target, exporter.writes, fmt, overwrite)
 
-    job, notes = _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle,
-                          dtype, force)
-    loaded = time.time()
-    report = _write(exporter, job, target, overwrite)
-    finished = time.time()
+    with claim_output(target, overwrite, exporter.writes):  # one writer from load to last file
+        job, notes = _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle,
+                              dtype, force)
+        loaded = time.time()
+        report = _write(exporter, job, target, overwrite)
+        finished = time.time()
     seconds = {"load": round(loaded - started, 2), "write": round(finished - loaded, 2),
                "total": round(finished - started, 2)}
     return ExportResult(fmt, target, _size(target), seconds, report, notes)
