@@ -77,7 +77,7 @@ class Harness:
         backbone = self.model.backbone
         b = self.data.batch(self.batch, self.generator, backbone.device, backbone.dtype,
                             backbone.num_train_timesteps)
-        x_t = backbone.scheduler.add_noise(b.latents, b.noise, b.timesteps)
+        x_t = backbone.add_noise(b.latents, b.noise, b.timesteps)
         return x_t, b
 
     def finetune_step(self) -> None:

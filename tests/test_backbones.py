@@ -92,7 +92,7 @@ def test_predicted_original_inverts_the_forward_process(request, fixture):
     clean = torch.randn(3, 4, 2, 2, generator=gen)
     noise = torch.randn(3, 4, 2, 2, generator=gen)
     t = torch.tensor([10, 500, 990])
-    noisy = backbone.scheduler.add_noise(clean, noise, t)
+    noisy = backbone.add_noise(clean, noise, t)
     target = backbone.training_target(clean, noise, t)
     torch.testing.assert_close(backbone.predicted_original(noisy, target, t), clean,
                                atol=1e-4, rtol=1e-4)

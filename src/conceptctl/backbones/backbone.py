@@ -2,11 +2,18 @@
 
 Everything that differs between SD 1.x and 2.x (prediction type, resolution, text width, latent
 scaling) is read here from the model's own configuration, so no other module special-cases them.
+
+Training-time maths (x_t, ᾱ_t, the v target, x̂0) uses the model's *training* noise schedule, a
+DDPM schedule rebuilt from the scheduler config's betas once at load (:func:`training_schedule`),
+never the pipeline's sampling scheduler: DPM-Solver, Euler and UniPC look t up in their inference
+timesteps in ``add_noise``/``get_velocity``, so they noise at the wrong level (DPM-Solver fresh
+from its config gives √(1−ᾱ_t) reversed in t; after ``set_timesteps`` nearly every t gets the
+same level), Euler rejects integer timesteps, and DPM-Solver/UniPC have no ``get_velocity``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,9 +21,39 @@ import torch
 from conceptctl.backbones.spec import BackboneSpec
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
+    from diffusers import DDPMScheduler, DiffusionPipeline
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# The scheduler-config entries that define the training noise schedule (and what is predicted).
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                 "trained_betas", "rescale_betas_zero_snr", "prediction_type")
+
+
+def training_schedule(config: Any) -> DDPMScheduler:
+    """The noise schedule the model was trained with, from any scheduler config of the DDPM
+    family (DDPM, DDIM, PNDM, DPM-Solver, Euler, UniPC, …): a ``DDPMScheduler`` built from the
+    config's betas (``beta_schedule``, ``beta_start``/``beta_end``, ``trained_betas``,
+    ``num_train_timesteps``, ``rescale_betas_zero_snr``), the scheduler diffusers' training
+    scripts noise with, so every ``beta_schedule`` it knows is covered.
+
+    Its ``add_noise``/``get_velocity`` depend on t and the betas only, unlike a sampling
+    scheduler's, which may depend on its inference timesteps (see the module docstring). The
+    values are passed explicitly rather than through ``DDPMScheduler.from_config``, which would
+    replace the entries the sampler took from its own defaults by DDPM's (Heun, KDPM2, LCM and
+    TCD default to other betas).
+    """
+    from diffusers import DDPMScheduler
+
+    from conceptctl.errors import BackboneError
+
+    config = dict(config)
+    if config.get("trained_betas") is None and "beta_schedule" not in config:
+        raise BackboneError(
+            "the scheduler config does not describe a DDPM noise schedule (no beta_schedule or "
+            "trained_betas), so conceptctl cannot noise latents the way the model was trained",
+            hint="conceptctl supports SD 1.x / 2.x-style models (DDPM-family schedulers)",
+        )
+    return DDPMScheduler(**{key: config[key] for key in SCHEDULE_KEYS if key in config})
 
 
 @dataclass
@@ -27,11 +64,15 @@ class Backbone:
     pipeline: DiffusionPipeline
     device: torch.device
     dtype: torch.dtype
+    # The training noise schedule (a DDPMScheduler), built once from the scheduler config at
+    # load, so nothing done to the sampling scheduler afterwards (set_timesteps) changes it.
+    noise_schedule: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         prediction = self.scheduler.config.get("prediction_type", "epsilon")
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"unsupported prediction type {prediction!r}")
+        self.noise_schedule = training_schedule(self.scheduler.config)
 
     # --- parts -------------------------------------------------------------------------------
     @property
@@ -52,6 +93,8 @@ class Backbone:
 
     @property
     def scheduler(self) -> Any:
+        """The *sampling* scheduler (for drawing images). Training-time maths uses
+        :attr:`noise_schedule` through :meth:`add_noise` and friends instead."""
         return self.pipeline.scheduler
 
     # --- facts read from the model's configuration -------------------------------------------
@@ -81,7 +124,7 @@ class Backbone:
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+        return int(self.noise_schedule.config.num_train_timesteps)
 
     def describe(self) -> dict[str, Any]:
         """Identity and properties as plain data (written into sidecars and artifacts)."""
@@ -107,9 +150,21 @@ class Backbone:
         return embeds
 
     def alphas_cumprod(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t for each timestep, on the timesteps' device, as float32."""
-        table = self.scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
+        """ᾱ_t of the training schedule for each timestep, on the timesteps' device, as float32."""
+        table = self.noise_schedule.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
         return table[timesteps.long()]
+
+    def add_noise(
+        self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, with ᾱ from the model's training schedule.
+
+        The one way every method, attack and plugin should form x_t: the sampling scheduler's
+        own ``add_noise`` is wrong for DPM-Solver, Euler and UniPC (it looks t up in the
+        inference timesteps, so it depends on the last ``set_timesteps``) and right only by luck
+        for DDPM, DDIM and PNDM.
+        """
+        return self.noise_schedule.add_noise(clean, noise, timesteps.to(clean.device))
 
     def predicted_original(
         self, noisy: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor
@@ -130,12 +185,14 @@ class Backbone:
     def training_target(
         self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        """What the UNet should output for x_t built from ``clean`` and ``noise``."""
+        """What the UNet should output for x_t built from ``clean`` and ``noise``; for v,
+        √ᾱ_t·ε − √(1−ᾱ_t)·x0 from the training schedule (DPM-Solver and UniPC have no
+        ``get_velocity``, and Euler's refuses integer t and looks t up in its inference steps)."""
         if self.prediction_type == "epsilon":
             return noise
         if self.prediction_type == "sample":
             return clean
-        return self.scheduler.get_velocity(clean, noise, timesteps)
+        return self.noise_schedule.get_velocity(clean, noise, timesteps.to(clean.device))
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,10 @@ def draw_noise(generator: torch.Generator, size: int, shape, num_timesteps: int)
 
 
 def _noised(ctx: Context, batch: Batch):
-    """Shared first step: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, with the batch's t and ε."""
+    """Shared first step: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, with the batch's t and ε and ᾱ from the
+    model's training schedule (``Backbone.add_noise``), never the sampling scheduler's
+    ``add_noise``: DPM-Solver/Euler/UniPC look t up in their inference steps there, so x_t would be
+    noised at the wrong level and change once anchor images are drawn (``set_timesteps``)."""
     latents = batch.latents
     if batch.timesteps is None:
         t, noise = draw_noise(ctx.generator, latents.shape[0], latents.shape[1:],
@@ -80,7 +83,7 @@ def _noised(ctx: Context, batch: Batch):
     else:
         t, noise = batch.timesteps, batch.noise
     noise, t = noise.to(latents), t.to(latents.device)
-    return ctx.backbone.scheduler.add_noise(latents, noise, t), noise, t
+    return ctx.backbone.add_noise(latents, noise, t), noise, t
 
 
 def _preserving_loss(ctx: Context, batch: Batch, x_t, noise, t) -> torch.Tensor:

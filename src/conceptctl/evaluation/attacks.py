@@ -99,7 +99,7 @@ class EmbeddingAttack:
             t = torch.randint(0, backbone.num_train_timesteps, (len(latents),),
                               generator=generator).to(backbone.device)
             noise = torch.randn(latents.shape, generator=generator).to(latents)
-            noisy = backbone.scheduler.add_noise(latents, noise, t)
+            noisy = backbone.add_noise(latents, noise, t)  # training schedule's ᾱ
             states = encoder().repeat_interleave(k, dim=0)
             pred = unet(noisy, t, states).sample
             loss = F.mse_loss(pred.float(),
