@@ -128,7 +128,10 @@ def surgery_and_optimiser(h: doco_step.Harness, rounds: int, records: list):
     # Random pairs: about half conflict, as in training (bench "surgery fired" ~ 30-60 %).
     pairs = [(torch.randn(p.shape, generator=g), torch.randn(p.shape, generator=g))
              for p in params]
-    now = DocoProjection(1.0)
+    now = DocoProjection(1.0, max_grad_norm=1.0)
+    names = [f"t{i}" for i in range(len(pairs))]
+    unlearn = dict(zip(names, (u for u, _ in pairs), strict=True))
+    preserve = dict(zip(names, (q for _, q in pairs), strict=True))
 
     def before_surgery():  # the projection as computed before, in fp64 copies
         for u, q in pairs:
@@ -138,8 +141,9 @@ def surgery_and_optimiser(h: doco_step.Harness, rounds: int, records: list):
                 (u.double() - scale * q.double()).to(u.dtype)
 
     def now_surgery():
-        for u, q in pairs:
-            now(u, q)
+        # The whole set at once, its joint clip included. The clip scales the unchanged g_u
+        # tensors in place: from the second call on they are already within the norm.
+        now(dict(unlearn), dict(preserve))
 
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for c in copies:

@@ -51,11 +51,13 @@ def test_each_process_draws_its_share_of_the_same_global_batch():
 def test_surgery_on_summed_gradients_is_not_the_sum_of_surgeries():
     """Why DoCo sums g_u and g_p over processes before surgery instead of after (what a DDP
     wrapper would do): the projection is not linear."""
-    surgery = DocoProjection(1.0)
+    def surgery(u, p):  # the projection on a one-tensor set (no clip reached)
+        return DocoProjection(1.0, max_grad_norm=1e30)({"w": u}, {"w": p})[0]["w"]
+
     u1, p1 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])  # conflict: projected
     u2, p2 = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])  # no conflict: kept
-    per_process = (surgery(u1, p1)[0] + surgery(u2, p2)[0]) / 2
-    on_averages = surgery((u1 + u2) / 2, (p1 + p2) / 2)[0]
+    per_process = (surgery(u1, p1) + surgery(u2, p2)) / 2
+    on_averages = surgery((u1 + u2) / 2, (p1 + p2) / 2)
     assert not torch.allclose(per_process, on_averages)
 
 

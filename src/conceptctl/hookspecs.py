@@ -57,11 +57,16 @@ def register_discriminators(register):
 
 @hookspec
 def register_gradient_surgeries(register):
-    """Register ways to combine the unlearning and preserving gradients (``doco``,
+    """Register ways to combine DoCo's unlearning and preserving gradients (``doco``,
     ``doco-reference``, ``pcgrad``, ``none`` built in).
 
-    ``factory(strength, prior_weight)`` returns a callable ``(g_unlearn, g_preserve) ->
-    (gradient_to_apply, fired)`` applied to each trainable tensor.
+    ``factory(strength, prior_weight, max_grad_norm)`` (keywords, from the run's
+    ``EraseConfig``: ``surgery_strength``, ``prior_weight``, ``max_grad_norm``) returns a callable
+    ``(g_unlearn, g_preserve) -> (gradients, changed)`` that sees the whole trained set at once:
+    both arguments are dicts, trained tensor name -> gradient (summed over processes, unscaled);
+    it returns name -> the gradient the optimiser applies, and how many tensors its conflict rule
+    changed. It also places the clip to ``max_grad_norm``: the trainer applies the result as
+    is, with no further clip. It owns the tensors it is given and may change them in place.
     """
 
 

@@ -16,7 +16,8 @@ def _doco(context, config):
         latent_size=backbone.resolution // backbone.vae_scale_factor,
     ).to(backbone.device)
     surgery = get_registry("gradient-surgery").get(config.surgery).build(
-        strength=config.surgery_strength, prior_weight=config.prior_weight)
+        strength=config.surgery_strength, prior_weight=config.prior_weight,
+        max_grad_norm=config.max_grad_norm)
     # The reference's discriminator optimiser: Adam, betas (0.5, 0.999).
     d_opt = torch.optim.Adam(disc.parameters(), lr=config.d_lr, betas=(0.5, 0.999))
     return DoCo(context, disc, d_opt, surgery, warmup=config.warmup)
@@ -46,28 +47,28 @@ def _hinge_sn(latent_channels, latent_size):
     return HingeSpectral(latent_channels, latent_size)
 
 
-def _doco_projection(strength, prior_weight):
+def _doco_projection(strength, prior_weight, max_grad_norm):
     from conceptctl.erasure.surgery import DocoProjection
 
-    return DocoProjection(strength)
+    return DocoProjection(strength, max_grad_norm)
 
 
-def _doco_reference(strength, prior_weight):
+def _doco_reference(strength, prior_weight, max_grad_norm):
     from conceptctl.erasure.surgery import DocoReference
 
-    return DocoReference(strength)
+    return DocoReference(strength, max_grad_norm)
 
 
-def _pcgrad(strength, prior_weight):
+def _pcgrad(strength, prior_weight, max_grad_norm):
     from conceptctl.erasure.surgery import PCGrad
 
-    return PCGrad()
+    return PCGrad(max_grad_norm)
 
 
-def _weighted_sum(strength, prior_weight):
+def _weighted_sum(strength, prior_weight, max_grad_norm):
     from conceptctl.erasure.surgery import WeightedSum
 
-    return WeightedSum(prior_weight)
+    return WeightedSum(prior_weight, max_grad_norm)
 
 
 def _templates(config, backbone):
@@ -109,11 +110,13 @@ def register_discriminators(register):
 
 @hookimpl
 def register_gradient_surgeries(register):
-    register(Component("doco", _doco_projection, "exact projection of conflicts (default)"))
+    register(Component("doco", _doco_projection,
+                       "exact projection of conflicts, then a joint clip (default)"))
     register(Component("doco-reference", _doco_reference,
-                       "the authors' code: clip to norm 1, subtract cos * unit g_p"))
-    register(Component("pcgrad", _pcgrad, "symmetric PCGrad, both applied"))
-    register(Component("none", _weighted_sum, "no surgery: g_u + prior_weight * g_p"))
+                       "the authors' code: clip g_p and g_u jointly, subtract cos * unit g_p"))
+    register(Component("pcgrad", _pcgrad, "symmetric PCGrad, both applied, joint clip"))
+    register(Component("none", _weighted_sum,
+                       "no surgery: g_u + prior_weight * g_p, joint clip"))
 
 
 @hookimpl

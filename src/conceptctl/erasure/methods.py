@@ -98,6 +98,9 @@ class DoCo:
 
     # g_u and g_p must be summed over processes separately, before surgery.
     reduces_gradients = True
+    # The surgery places the gradient-norm clip itself (the reference clips g_p and g_u before
+    # its surgery, not after): the trainer applies what it returns with no further clip.
+    clips_gradients = True
 
     def __init__(self, ctx: Context, discriminator, d_optimizer, surgery, warmup: int) -> None:
         self.ctx, self.disc, self.d_opt, self.surgery = ctx, discriminator, d_optimizer, surgery
@@ -157,14 +160,16 @@ class DoCo:
             g_p = ctx.precision.grad(prior, params)
             prior = prior.detach().reshape(1)
             dist.sum_([*g_p, prior])
+        # Surgery on the whole set at once (it also clips, jointly): its result is the update.
+        # The sums are identical on every process, so every process applies the same gradients.
         with timer("surgery"):
-            fired = 0
-            for p, u, q in zip(params, g_u, g_p, strict=True):
-                g, changed = self.surgery(u, q)
-                p.grad = g.to(p.dtype)
-                fired += changed
+            names = list(ctx.params)
+            grads, changed = self.surgery(dict(zip(names, g_u, strict=True)),
+                                          dict(zip(names, g_p, strict=True)))
+            for name, p in ctx.params.items():
+                p.grad = grads[name].to(p.dtype)
         return StepStats(loss=adv.item(), preserve_loss=prior.item(), d_loss=d_loss.item(),
-                         d_accuracy=accuracy, surgery_fired=fired / len(params))
+                         d_accuracy=accuracy, surgery_fired=changed / len(params))
 
 
 def _with_own_rows(whole: torch.Tensor, own: torch.Tensor, batch: Batch, dist) -> torch.Tensor:

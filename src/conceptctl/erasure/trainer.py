@@ -3,9 +3,10 @@
 Components (method, discriminator, surgery) are resolved once from the registries by the caller
 and handed in built; the loop never looks at their names. A step: draw a batch of anchor latents
 with their anchor/target prompt embeddings, let the method put gradients in the trainable
-parameters, clip, step, check the losses and then the updated weights are finite, and checkpoint
-now and then. The weights are checked after the update and before its checkpoint, so a step that
-makes them NaN or infinite stops training with the last finite checkpoint kept.
+parameters, clip (unless the method did: DoCo's surgery places its own clip), step, check the
+losses and then the updated weights are finite, and checkpoint now and then. The weights are
+checked after the update and before its checkpoint, so a step that makes them NaN or infinite
+stops training with the last finite checkpoint kept.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def run_loop(
         usable = precision.finish(trainable)
         _check_losses(stats, step)
         if stats.generator_step and usable:
-            torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            if not getattr(method, "clips_gradients", False):  # DoCo's surgery clips itself
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             optimizer.step()
         _check_weights(params, modules, step)  # before this step's checkpoint is written
         state.step = step
