@@ -42,8 +42,9 @@ def main() -> None:
     from conceptctl.toy.judge import Judge
 
     kind = guess_type(args.concept, args.anchor)
-    cfg = EraseConfig(concept=args.concept, anchor=args.anchor, concept_type=kind,
-                      backbone="toy").with_overrides(**preset("toy", kind)).with_overrides(
+    base = EraseConfig(concept=args.concept, anchor=args.anchor, concept_type=kind,
+                       backbone="toy")
+    cfg = base.with_overrides(**preset("toy", kind, args.batch_size)).with_overrides(
         method=args.method, seed=args.seed, steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size,
         lr=args.lr, d_lr=args.d_lr, anchor_images_per_prompt=args.anchor_images,

@@ -111,6 +111,7 @@ def test_killed_run_resumes_to_identical_weights(tiny_sd1, tmp_path):
     """A real subprocess is killed mid-run; '--resume latest' finishes bit for bit equal."""
     args = ["erase", "church", "--anchor", "house", "-b", str(tiny_sd1), "--steps", "300",
             "--warmup", "20", "--batch-size", "2", "--anchor-images", "1",
+            "--anchor-prompt-count", "4",
             "--checkpointing-steps", "25", "--lr", "1e-3", "--d-lr", "1e-3"]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "conceptctl"]
@@ -192,7 +193,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cli, tiny_sd1, tmp_
     try:
         result = cli("erase", "church", "--anchor", "house", "-b", tiny_sd1, "-o",
                      tmp_path / "out", "--method", "exploding", "--steps", "6",
-                     "--warmup", "0", "--checkpointing-steps", "2", "--anchor-images", "1")
+                     "--warmup", "0", "--checkpointing-steps", "2", "--anchor-images", "1",
+                     "--anchor-prompt-count", "4")
     finally:
         unregister_plugin("exploding-plugin")
     assert result.code == 1
@@ -234,7 +236,8 @@ def test_sample_model_errors(cli, tiny_sd1, tiny_sd2, tmp_path):
 
 def test_concept_the_toy_never_learned_warns(cli, tmp_path):
     result = cli("erase", "Mickey Mouse", "--anchor", "cartoon character", "--steps", "2",
-                 "--warmup", "1", "--anchor-images", "1", "-o", tmp_path / "out")
+                 "--warmup", "1", "--anchor-images", "1", "--anchor-prompt-count", "4",
+                 "-o", tmp_path / "out")
     assert result.code == 0, result.err
     assert "warning: the toy model never learned 'Mickey Mouse'" in result.err
     manifest = json.loads((tmp_path / "out" / "conceptctl.json").read_text())

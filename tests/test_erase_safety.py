@@ -135,7 +135,7 @@ def test_non_finite_weights_stop_before_their_checkpoint(cli, tiny_sd1, tmp_path
     out = tmp_path / "out"
     result = cli("erase", "church", "-a", "house", "-b", tiny_sd1, "-o", out, "--method",
                  "poisoning", "--steps", "6", "--warmup", "0", "--checkpointing-steps", "2",
-                 "--anchor-images", "1")
+                 "--anchor-images", "1", "--anchor-prompt-count", "4")
     _refused(result, "the weights became non-finite at step 4", named)
     assert not (out / "conceptctl.json").exists()
     assert not (out / "weights.safetensors").exists()
@@ -206,8 +206,9 @@ def test_sample_evaluate_and_export_refuse_non_finite_artifacts_and_deltas(cli, 
 
 # --- resume: only the run its checkpoint belongs to -------------------------------------------
 
-RUN = ["--warmup", "1", "--batch-size", "2", "--anchor-images", "1", "--lr", "1e-4", "--d-lr",
-       "1e-3", "--checkpointing-steps", "2", "--checkpoints-total-limit", "5"]
+RUN = ["--warmup", "1", "--batch-size", "2", "--anchor-images", "1", "--anchor-prompt-count", "4",
+       "--lr", "1e-4", "--d-lr", "1e-3", "--checkpointing-steps", "2",
+       "--checkpoints-total-limit", "5"]
 
 
 def _killed_run(cli, base, out, steps="6", *extra):

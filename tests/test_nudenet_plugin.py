@@ -251,7 +251,8 @@ def _evaluate_with_nudenet(tmp_path, tiny_sd1, env):
     art = tmp_path / "art"
     erase(EraseConfig(concept="nudity", anchor="clothed", concept_type="nudity",
                       backbone=str(tiny_sd1), steps=2, warmup=1, batch_size=2,
-                      anchor_images_per_prompt=1, anchor_steps=2, lr=1e-3, d_lr=1e-3), art)
+                      anchor_images_per_prompt=1, anchor_prompt_count=4, anchor_steps=2,
+                      lr=1e-3, d_lr=1e-3), art)
 
     def conceptctl(*args):
         return subprocess.run([sys.executable, "-m", "conceptctl", *map(str, args)], env=env,

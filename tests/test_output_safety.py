@@ -247,6 +247,7 @@ def test_two_erases_into_one_folder(workdir, tiny_sd1, cli):
     first = subprocess.Popen(
         [sys.executable, "-m", "conceptctl", "erase", "church", "-a", "house", "-b",
          str(tiny_sd1), "--steps", "400", "--warmup", "1", "--anchor-images", "1",
+         "--anchor-prompt-count", "4",
          "--checkpointing-steps", "2", "-o", "out"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

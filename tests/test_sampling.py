@@ -143,3 +143,92 @@ def test_single_file_checkpoint_samples_like_its_folder(cli, tiny_sd2, tmp_path)
     assert without_config.code == 1
     assert "cannot load single-file checkpoint" in without_config.err
     assert "--backbone-config" in without_config.err
+
+
+# --- samplers other than the backbone's own, per-prompt seeds (what anchor images use) ---------
+
+ANCHOR_LIKE = dict(prompts=("a photo of a house", "an old house at night", "a house"),
+                   images_per_prompt=2, seed=5, steps=3, guidance=6.0, batch_size=6,
+                   sampler="dpm-solver", prompt_seeds=(5, 7, 9))
+
+
+def _open(path):
+    from conceptctl.backbones.loading import open_backbone
+
+    return open_backbone(str(path), device="cpu", dtype="float32")
+
+
+def test_dpm_solver_sampler_is_deterministic_and_puts_the_own_scheduler_back(tiny_sd1):
+    import torch
+
+    from conceptctl.sampling import SampleSettings, sample_images, sample_latents
+
+    backbone = _open(tiny_sd1)
+    own, own_config = backbone.scheduler, dict(backbone.scheduler.config)
+    recorded = backbone.pipeline.config["scheduler"]
+    assert type(own).__name__ == "PNDMScheduler"
+    used = []
+    settings = SampleSettings(**ANCHOR_LIKE)
+    first = sample_latents(backbone, settings,
+                           on_step=lambda n: used.append(type(backbone.scheduler).__name__))
+    assert set(used) == {"DPMSolverMultistepScheduler"}
+    # The backbone's own scheduler is back: the same object, class and config.
+    assert backbone.scheduler is own and dict(own.config) == own_config
+    assert backbone.pipeline.config["scheduler"] == recorded
+    # Same settings, same images, whatever the batch size.
+    assert torch.equal(sample_latents(backbone, settings), first)
+    for batch in (1, 4):
+        assert torch.allclose(sample_latents(backbone, SampleSettings(
+            **ANCHOR_LIKE | {"batch_size": batch})), first, atol=1e-5)
+    # Not the backbone's own sampler's images.
+    own_sampler = sample_latents(backbone, SampleSettings(**ANCHOR_LIKE | {"sampler": None}))
+    assert (own_sampler - first).abs().max() > 1e-3
+    # Every image of the set starts from its own noise: distinct seeds, distinct images.
+    seeds = [image.seed for image in sample_images(backbone, settings)]
+    assert seeds == [5, 6, 7, 8, 9, 10]
+    flat = first.flatten(1)
+    assert all((flat[i] - flat[j]).abs().max() > 1e-3
+               for i in range(len(flat)) for j in range(i))
+
+
+def test_own_scheduler_is_put_back_when_sampling_fails(tiny_sd1):
+    from conceptctl.sampling import SampleSettings, sample_latents
+
+    backbone = _open(tiny_sd1)
+    own, recorded = backbone.scheduler, backbone.pipeline.config["scheduler"]
+
+    def interrupt(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sample_latents(backbone, SampleSettings(**ANCHOR_LIKE), on_step=interrupt)
+    assert backbone.scheduler is own and backbone.pipeline.config["scheduler"] == recorded
+
+
+def test_unknown_sampler_and_bad_prompt_seeds_are_refused():
+    from conceptctl.errors import UsageError
+    from conceptctl.sampling import SampleSettings
+
+    with pytest.raises(UsageError, match="unknown sampler 'euler-x'"):
+        SampleSettings(**ANCHOR_LIKE | {"sampler": "euler-x"}).check()
+    with pytest.raises(UsageError, match="one seed per prompt"):
+        SampleSettings(**ANCHOR_LIKE | {"prompt_seeds": (1, 2)}).check()
+    with pytest.raises(UsageError, match="prompt seeds must be between"):
+        SampleSettings(**ANCHOR_LIKE | {"prompt_seeds": (1, 2, 2**64 - 1)}).check()
+
+
+def test_anchor_cache_key_of_settings_without_new_fields_is_unchanged():
+    """Keys computed before ``sampler`` existed: caches drawn then stay valid."""
+    from dataclasses import replace
+
+    from conceptctl.erasure.anchor_data import cache_key
+    from conceptctl.sampling import SampleSettings
+
+    digest = "sha256:" + "ab" * 32
+    settings = SampleSettings(prompts=("a photo of a house", "a house at night"),
+                              images_per_prompt=5, seed=3, steps=25, guidance=6.0,
+                              resolution=512, batch_size=32)
+    assert cache_key(digest, settings) == "de03e99c1f50a419379cf672"
+    assert cache_key(digest, replace(settings, prompt_seeds=(3, 8))) == "a49e9ff0bbce1ea22d07b054"
+    assert cache_key(digest, replace(settings, sampler="dpm-solver")) not in (
+        "de03e99c1f50a419379cf672", "a49e9ff0bbce1ea22d07b054")

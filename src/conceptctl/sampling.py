@@ -3,7 +3,12 @@
 Each image's starting noise is drawn from its own CPU generator seeded with ``seed + k`` (k = the
 image's index within its prompt), so image k of a prompt is the same whatever the batch size or
 device, and image k of two different prompts starts from the same noise, which is what a
-side-by-side comparison of prompts or models wants.
+side-by-side comparison of prompts or models wants. ``prompt_seeds`` gives each prompt its own
+base instead (anchor images use it so that every image starts from its own noise).
+
+The sampler is the backbone's own scheduler unless ``sampler`` names another one, which is built
+from the backbone's scheduler config and used for that call only (anchor images are drawn with
+DPM-Solver, as the reference does, whatever the backbone ships).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +43,8 @@ class SampleSettings:
     batch_size: int = 8
     # One seed per prompt (evaluation files give each case its own); None: ``seed`` for all.
     prompt_seeds: tuple[int, ...] | None = None
+    # A sampler of SAMPLERS used instead of the backbone's own scheduler; None: the backbone's.
+    sampler: str | None = None
 
     def check(self) -> None:
         """Reject values the pipeline would fail on, or silently misuse, with one clear line."""
@@ -48,8 +56,16 @@ class SampleSettings:
                 raise UsageError(f"{name.replace('_', ' ')} must be at least {minimum}")
         if not 0 <= self.seed < 2**63:
             raise UsageError("seed must be between 0 and 2**63 - 1")
-        if self.prompt_seeds is not None and len(self.prompt_seeds) != len(self.prompts):
-            raise UsageError("give one seed per prompt")
+        if self.prompt_seeds is not None:
+            if len(self.prompt_seeds) != len(self.prompts):
+                raise UsageError("give one seed per prompt")
+            # Image k of a prompt is seeded with its seed + k: all must fit a CPU generator.
+            if any(not 0 <= s <= 2**64 - self.images_per_prompt for s in self.prompt_seeds):
+                raise UsageError("prompt seeds must be between 0 and 2**64 - images per prompt")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler {self.sampler!r}",
+                             hint=f"known: {', '.join(SAMPLERS)}; leave it out for the "
+                             "backbone's own")
         # NaN fails every comparison (Typer reads 'nan' as a number); inf would draw NaN images.
         if self.guidance is not None and not (0 <= self.guidance < math.inf):
             raise UsageError(f"guidance must be a finite number, 0 or more, not {self.guidance}",
@@ -103,6 +119,39 @@ DEFAULT_GUIDANCE = 7.5
 MAX_RESOLUTION_SCALE = 4
 MAX_BATCH_AT_NATIVE = 256
 MAX_PICTURE_BYTES = 8 * 2**30
+# Samplers that can stand in for a backbone's own scheduler: name -> diffusers scheduler class,
+# built from the backbone's scheduler config (its noise schedule and prediction type) with that
+# class's defaults for the rest. DPM-Solver: multistep, 2nd order, dpmsolver++ (what the
+# reference's ``DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)`` gives).
+SAMPLERS = {"dpm-solver": "DPMSolverMultistepScheduler"}
+
+
+def build_sampler(backbone: Backbone, sampler: str | None) -> Any:
+    """A fresh scheduler of kind ``sampler`` for ``backbone``; None: the backbone's own one."""
+    if sampler is None:
+        return backbone.scheduler
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}", hint=f"known: {', '.join(SAMPLERS)}")
+    return getattr(diffusers, SAMPLERS[sampler]).from_config(backbone.scheduler.config)
+
+
+@contextmanager
+def using_sampler(backbone: Backbone, sampler: str | None) -> Iterator[Any]:
+    """Swap ``sampler`` in as the pipeline's scheduler for the block; the backbone's own
+    scheduler (and the pipeline config's record of it) is put back afterwards, even on error.
+    Yields the scheduler in use."""
+    if sampler is None:
+        yield backbone.scheduler
+        return
+    pipeline = backbone.pipeline
+    own = pipeline.scheduler
+    pipeline.scheduler = build_sampler(backbone, sampler)
+    try:
+        yield pipeline.scheduler
+    finally:
+        pipeline.scheduler = own
 
 
 @dataclass(frozen=True)
@@ -152,17 +201,19 @@ def _denoise_batches(
             return kwargs
 
         negative = settings.negative_prompt
-        result = backbone.pipeline(
-            prompt=[job[1] for job in batch],
-            negative_prompt=[negative] * len(batch) if negative else None,
-            latents=initial_noise(backbone, [job[3] for job in batch], size),
-            height=size,
-            width=size,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            output_type=output_type,
-            callback_on_step_end=step_done,
-        )
+        # Swapped per batch, not around the loop: the caller may stop between batches.
+        with using_sampler(backbone, settings.sampler):
+            result = backbone.pipeline(
+                prompt=[job[1] for job in batch],
+                negative_prompt=[negative] * len(batch) if negative else None,
+                latents=initial_noise(backbone, [job[3] for job in batch], size),
+                height=size,
+                width=size,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                output_type=output_type,
+                callback_on_step_end=step_done,
+            )
         yield batch, result.images
 
 
@@ -254,7 +305,7 @@ def write_samples(
                             "prompt_index": item.prompt_index, "index": item.index,
                             "seed": item.seed})
         make_grid([rows[p] for p in sorted(rows)]).save(staging / "grid.png")
-        scheduler = backbone.scheduler
+        scheduler = build_sampler(backbone, settings.sampler)
         write_json(staging / "samples.json", {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "backbone": backbone.describe(),
@@ -263,7 +314,9 @@ def write_samples(
             "device": str(backbone.device),
             "scheduler": {"class": type(scheduler).__name__, **dict(scheduler.config)},
             "settings": asdict(settings.for_backbone(backbone)),
-            "seeding": "image k of every prompt starts from CPU noise seeded with seed + k",
+            "seeding": "image k of every prompt starts from CPU noise seeded with seed + k"
+                       if settings.prompt_seeds is None else "image k of prompt p starts from "
+                       "CPU noise seeded with prompt_seeds[p] + k",
             "versions": library_versions(),
             "grid": "grid.png" + (" (rows: original images, then erased)" if originals else ""),
             "images": records,

@@ -151,13 +151,15 @@ def save_tiny_pipeline(path: str | Path, flavor: Flavor = "sd1", seed: int = 0) 
 
 def tiny_erase_config(backbone, **overrides):
     """An erasure of ``church`` -> ``house`` that takes seconds on a tiny pipeline (4 steps of
-    batch 2, one anchor image per prompt, high rates so that weights move): what tests and
-    plugin authors run ``conceptctl.erasure.run.erase`` with. ``overrides``: EraseConfig fields."""
+    batch 2, one anchor image for each of 10 template prompts, high rates so that weights
+    move): what tests and plugin authors run ``conceptctl.erasure.run.erase`` with.
+    ``overrides``: EraseConfig fields."""
     from conceptctl.erasure.config import EraseConfig
 
     settings = dict(concept="church", anchor="house", concept_type="object",
                     backbone=str(backbone), steps=4, warmup=1, batch_size=2,
-                    anchor_images_per_prompt=1, anchor_steps=2, checkpointing_steps=2,
+                    anchor_images_per_prompt=1, anchor_prompt_count=10, anchor_steps=2,
+                    checkpointing_steps=2,
                     lr=1e-3, d_lr=1e-3)
     return EraseConfig(**{**settings, **overrides})
 

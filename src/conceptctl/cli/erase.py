@@ -35,6 +35,9 @@ def erase(
         typer.Option(help="File of anchor prompts, one per line (selects 'prompt-file').",
                      dir_okay=False, show_default=False),
     ] = None,
+    anchor_prompt_count: Annotated[int | None, typer.Option(
+        help="Use the first N built-in template anchor prompts (all 200 by default, the "
+        "reference's count; fewer is quicker).", min=1, show_default=False)] = None,
     params: Annotated[str, typer.Option(help="Trained parameters: cross-attn-kv, cross-attn or "
                                         "full.")] = "cross-attn-kv",
     steps: Annotated[int | None, typer.Option(help="Training steps (preset).", min=1,
@@ -95,9 +98,10 @@ def erase(
     selector = anchor_selector or ("prompt-file" if anchor_prompts else None)
     base = EraseConfig(concept=concept.strip(), anchor=anchor.strip(), concept_type=kind,
                        backbone=backbone or settings.default_backbone, seed=seed)
-    cfg = base.with_overrides(**preset(spec.family, kind)).with_overrides(
+    cfg = base.with_overrides(**preset(spec.family, kind, batch_size)).with_overrides(
         method=method, discriminator=discriminator, surgery=surgery, anchor_selector=selector,
-        anchor_prompts=str(anchor_prompts) if anchor_prompts else None, params=params,
+        anchor_prompts=str(anchor_prompts) if anchor_prompts else None,
+        anchor_prompt_count=anchor_prompt_count, params=params,
         mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         compile=compile_unet, tf32=tf32,
         steps=steps, warmup=warmup, batch_size=batch_size, lr=lr, d_lr=d_lr,

@@ -74,7 +74,12 @@ def _weighted_sum(strength, prior_weight, max_grad_norm):
 def _templates(config, backbone):
     from conceptctl.erasure.anchors import template_anchor_set
 
-    return template_anchor_set(config.concept, config.anchor, config.concept_type)
+    return template_anchor_set(config.concept, config.anchor, config.concept_type,
+                               **_count(config))
+
+
+def _count(config) -> dict:
+    return {} if config.anchor_prompt_count is None else {"count": config.anchor_prompt_count}
 
 
 def _prompt_file(config, backbone):
@@ -92,7 +97,8 @@ def _prompt_file(config, backbone):
 def _toy(config, backbone):
     from conceptctl.toy.anchors import toy_anchor_set
 
-    return toy_anchor_set(config.concept, config.anchor, config.concept_type)
+    return toy_anchor_set(config.concept, config.anchor, config.concept_type,
+                          fallback=_count(config))
 
 
 @hookimpl

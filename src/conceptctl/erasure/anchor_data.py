@@ -1,9 +1,9 @@
 """Anchor images: drawn once by the original model, cached by content.
 
 The cache key is a hash of everything that determines the latents — the backbone's weights
-(content digest), the prompts, the sampler settings and the seed — so a later erasure with the
-same anchor reuses them at once, and any change makes new ones. Latents are stored (not PNGs):
-they are what training consumes, and skipping the VAE round trip saves time.
+(content digest), the prompts, the sampler and its settings, the seeds — so a later erasure
+with the same anchor reuses them at once, and any change makes new ones. Latents are stored (not
+PNGs): they are what training consumes, and skipping the VAE round trip saves time.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def backbone_digest(backbone) -> str:
 
 def cache_key(digest: str, settings: SampleSettings) -> str:
     fields = asdict(settings)
-    if fields.get("prompt_seeds") is None:  # added later: keys of older caches stay valid
-        fields.pop("prompt_seeds", None)
+    # Fields added later are left out while unset, so keys of older caches stay valid.
+    for name in ("prompt_seeds", "sampler"):
+        if fields.get(name) is None:
+            fields.pop(name, None)
     blob = json.dumps({"format": CACHE_FORMAT, "backbone": digest, "settings": fields},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

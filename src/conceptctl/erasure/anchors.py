@@ -11,6 +11,7 @@ or from the toy world's own caption templates.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,38 +62,92 @@ def derive_target(anchor_prompt: str, concept: str, anchor: str, kind: ConceptTy
     return _article_fix(pattern.sub(concept, anchor_prompt))
 
 
-# Offline templates: varied contexts, so the erasure does not learn one phrasing.
-OBJECT_TEMPLATES = (
-    "a photo of a {}", "a picture of a {}", "a painting of a {}", "a {} in the city",
-    "a {} in a field", "a {} at sunset", "a {} in the snow", "a close-up photo of a {}",
-    "a drawing of a {}", "a {} under a blue sky", "an old {}", "a small {}", "a large {}",
-    "a {} in the rain", "a watercolor of a {}", "a {} at night", "a {} by the sea",
-    "a {} in a park", "a black and white photo of a {}", "a {} on a sunny day",
+# Offline templates. The reference draws ~1000 anchor images from ~200 captions (LAION captions
+# of the anchor word for styles, LLM-written captions naming the anchor for objects); offline,
+# the ``templates`` selector combines small lists of framings, subjects and settings into
+# TEMPLATE_PROMPTS distinct captions per concept type, so the erasure does not learn one
+# phrasing. Every list is written so that any combination reads as natural English, and the
+# phrasings stay clear of the evaluation's out-of-set ones (conceptctl.evaluation.suites).
+# The lengths of the lists combined are pairwise coprime: see _interleave.
+TEMPLATE_PROMPTS = 200
+
+# Objects: {o} is the anchor word (named exactly once: the target replaces it), {s} a setting.
+OBJECT_FRAMINGS = (
+    "a photo of a {o} {s}", "a close-up photo of a {o} {s}", "a black and white photo of a {o} {s}",
+    "a blurry photo of a {o} {s}", "a painting of a {o} {s}", "a watercolor sketch of a {o} {s}",
+    "a small {o} {s}", "an old {o} {s}", "there is a {o} {s}", "a postcard of a {o} {s}",
+)
+OBJECT_SETTINGS = (
+    "in a field", "at sunset", "in the snow", "by the sea", "on a city street", "in the rain",
+    "at night", "in a park", "under a blue sky", "in the mountains", "near a lake",
+    "in the morning fog", "in autumn", "in a forest clearing", "in a small town",
+    "on a sunny day", "in the countryside", "by a river", "in winter", "in the desert",
+    "at dawn", "on a hill", "on a quiet road",
+)
+# Styles: {a} is the anchor word (a painting, drawing, illustration…), {s} what it shows.
+STYLE_FRAMINGS = (
+    "a {a} of {s}", "a detailed {a} of {s}", "a colorful {a} of {s}", "an old {a} of {s}",
+    "a large {a} of {s}", "a simple {a} of {s}", "{s}, a {a}", "a {a} of {s} hanging in a museum",
 )
 STYLE_SUBJECTS = (
-    "a quiet harbour", "a field of flowers", "a portrait of a woman", "a portrait of a man",
+    "a quiet harbour", "a field of flowers", "a woman reading a letter", "an old man with a beard",
     "a village street", "a bowl of fruit", "a starry night sky", "a river at dawn",
-    "a mountain landscape", "a farmhouse", "a cafe terrace", "a bridge over a canal",
-    "a garden with trees", "a church in a village", "boats on the sea", "a city at night",
-    "a wheat field", "a self-portrait", "a vase of sunflowers", "a forest path",
+    "a mountain landscape", "a farmhouse in the hills", "a cafe terrace at night",
+    "a bridge over a canal", "a garden with trees", "a church in a village", "boats on the sea",
+    "a city at night", "a wheat field under clouds", "a portrait of a woman",
+    "a vase of sunflowers", "a forest path in autumn", "a cat sleeping on a chair",
+    "a horse in a meadow", "a lighthouse on a cliff", "dancers on a stage",
+    "a busy market square",
 )
-NUDITY_TEMPLATES = (
-    "a photo of a {} person", "a {} woman standing in a room", "a {} man on the beach",
-    "a painting of a {} figure", "a {} person lying on a bed", "a portrait of a {} woman",
-    "a {} couple in a garden", "a {} model in a studio", "a {} person in a forest",
-    "a classical statue of a {} body",
+# Nudity: {a} is the anchor word (e.g. "clothed"), {p} a person, {s} a setting.
+NUDITY_FRAMINGS = (
+    "a photo of a {a} {p} {s}", "a portrait of a {a} {p} {s}", "a painting of a {a} {p} {s}",
+    "a black and white photo of a {a} {p} {s}", "a candid photo of a {a} {p} {s}",
+    "a pencil drawing of a {a} {p} {s}", "a film photograph of a {a} {p} {s}",
+    "a {a} {p} {s}",
+)
+NUDITY_PEOPLE = ("woman", "man", "young woman", "older man", "couple")
+NUDITY_SETTINGS = (
+    "standing in a bright room", "on the beach", "sitting in a garden", "posing in a studio",
+    "by a window", "walking in a park", "at a cafe table",
 )
 
 
-def template_anchor_set(concept: str, anchor: str, kind: ConceptType) -> AnchorSet:
-    """``templates`` selector: built-in, offline, for any concept."""
+def _interleave(*lists: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Every combination of one item from each list, the i-th taking item i mod len of each: with
+    pairwise coprime lengths each combination comes once (Chinese remainder theorem), and any
+    prefix varies every list at once (the first 20 use 20 settings, not one)."""
+    return [tuple(items[i % len(items)] for items in lists)
+            for i in range(math.prod(len(items) for items in lists))]
+
+
+def template_anchor_set(concept: str, anchor: str, kind: ConceptType,
+                        count: int = TEMPLATE_PROMPTS) -> AnchorSet:
+    """``templates`` selector: built-in, offline, for any concept; ``count`` distinct anchor
+    prompts (fewer only when the anchor word also occurs in many framings or settings)."""
     if kind == "style":
-        anchors = tuple(f"a {anchor} of {subject}" for subject in STYLE_SUBJECTS)
+        candidates = [f.format(a=anchor, s=subject)
+                      for f, subject in _interleave(STYLE_FRAMINGS, STYLE_SUBJECTS)]
     elif kind == "nudity":
-        anchors = tuple(t.format(anchor) for t in NUDITY_TEMPLATES)
+        candidates = [f.format(a=anchor, p=person, s=setting) for f, person, setting
+                      in _interleave(NUDITY_FRAMINGS, NUDITY_PEOPLE, NUDITY_SETTINGS)]
     else:
-        anchors = tuple(_article_fix(t.format(anchor)) for t in OBJECT_TEMPLATES)
-    return AnchorSet(anchors, tuple(derive_target(a, concept, anchor, kind) for a in anchors))
+        candidates = [f.format(o=anchor, s=setting)
+                      for f, setting in _interleave(OBJECT_FRAMINGS, OBJECT_SETTINGS)]
+    named = re.compile(rf"\b{re.escape(anchor)}\b", re.IGNORECASE)
+    anchors: list[str] = []
+    for text in map(_article_fix, candidates):
+        if len(anchors) == count:
+            break
+        # An object or nudity target replaces every occurrence: keep prompts naming it once.
+        if (kind != "style" and len(named.findall(text)) != 1) or text in anchors:
+            continue
+        anchors.append(text)
+    if not anchors:
+        raise UsageError(f"the built-in templates cannot name the anchor {anchor!r} only once",
+                         hint="give your own anchor prompts with --anchor-prompts FILE")
+    return AnchorSet(tuple(anchors), tuple(derive_target(a, concept, anchor, kind)
+                                           for a in anchors))
 
 
 def file_anchor_set(path: Path, concept: str, anchor: str, kind: ConceptType) -> AnchorSet:

@@ -1,7 +1,8 @@
 """Every setting of an erasure run, and the presets they start from.
 
 SD presets are the DoCo paper's recipes (reference code, SD 1.4; see docs/erase.md):
-generator AdamW, weight decay 1e-2, lr 6e-6 per image of the batch (4.8e-5 at batch 8),
+generator AdamW, weight decay 1e-2, lr 6e-6 per image of the batch (4.8e-5 at batch 8, rescaled
+with --batch-size),
 grad-norm clip 1, batch 8 (+8 prior), 2000 steps of which the first 1000 train only the
 discriminator; discriminator Adam(betas 0.5, 0.999) at 5e-4 for styles and 1e-4 for objects and
 nudity; anchor images by DPM-Solver, 25 steps, guidance 6. Toy presets scale steps and anchor
@@ -24,6 +25,9 @@ class EraseConfig:
     surgery: str = "doco"
     anchor_selector: str | None = None  # None: the backbone's preferred one, else templates
     anchor_prompts: str | None = None  # file for the prompt-file selector
+    # How many of the built-in templates' anchor prompts to use (None: all 200, the reference's
+    # count); fewer make a quick run, as in tests on tiny pipelines.
+    anchor_prompt_count: int | None = None
     params: str = "cross-attn-kv"
     mixed_precision: str = "no"  # no | fp16 | bf16: autocast of the UNet passes
     # Speed and memory switches that leave the result unchanged (gradient checkpointing: the
@@ -60,6 +64,10 @@ class EraseConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+# The reference's generator learning rate is 6e-6 per image of the batch (--scale_lr): the UNet
+# rate is lr_per_image x batch size, whatever --batch-size is, unless --lr gives it outright.
+LR_PER_IMAGE = 6e-6
+
 # (backbone family, concept type) -> settings that differ from the dataclass defaults.
 _TOY = dict(steps=400, warmup=100, batch_size=8, anchor_images_per_prompt=4,
             anchor_steps=20, anchor_guidance=3.0, checkpointing_steps=100, d_lr=5e-4)
@@ -69,12 +77,16 @@ PRESETS: dict[tuple[str, str], dict] = {
     ("sd", "nudity"): dict(d_lr=1e-4),
     # Measured on the toy (docs/erase.md): objects need the gentler UNet rate, since toy
     # object captions sit close together in the text encoder's space.
-    ("toy", "style"): dict(_TOY, lr=2e-4),
-    ("toy", "object"): dict(_TOY, lr=1e-4),
+    ("toy", "style"): dict(_TOY, lr_per_image=2.5e-5),
+    ("toy", "object"): dict(_TOY, lr_per_image=1.25e-5),
 }
 
 
-def preset(family: str, concept_type: str) -> dict:
-    """The preset for a backbone family ('toy' or any SD family) and concept type."""
+def preset(family: str, concept_type: str, batch_size: int | None = None) -> dict:
+    """The preset for a backbone family ('toy' or any SD family) and concept type, with the
+    UNet learning rate scaled to ``batch_size`` (default: the preset's batch)."""
     key = ("toy" if family == "toy" else "sd", concept_type)
-    return dict(PRESETS.get(key, {}))
+    values = dict(PRESETS.get(key, {}))
+    per_image = values.pop("lr_per_image", LR_PER_IMAGE)
+    values["lr"] = per_image * (batch_size or values.get("batch_size", EraseConfig.batch_size))
+    return values

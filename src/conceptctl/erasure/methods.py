@@ -31,10 +31,24 @@ class Batch:
     empty_text: torch.Tensor  # ∅, the empty prompt (ESD's unconditional branch)
     timesteps: torch.Tensor | None = None  # t for each image (None: the method draws them)
     noise: torch.Tensor | None = None  # ε for each image
+    # The preservation loss's own images (the reference's separate prior batch): other anchor
+    # images with their own captions, t and ε. None: it reuses the images above.
+    prior: PriorBatch | None = None
     # Data-parallel: rows of the global batch each process holds (None: one process), and this
     # process's share of the global batch (weights its mean losses).
     sizes: tuple[int, ...] | None = None
     share: float = 1.0
+
+
+@dataclass
+class PriorBatch:
+    """Anchor images for L_prior, drawn apart from the adversarial ones (DreamBooth-style prior
+    preservation, as the reference does: 8 more images with their own t and ε)."""
+
+    latents: torch.Tensor
+    text: torch.Tensor  # each image's own (anchor) caption
+    timesteps: torch.Tensor
+    noise: torch.Tensor
 
 
 @dataclass
@@ -87,9 +101,16 @@ def _noised(ctx: Context, batch: Batch):
 
 
 def _preserving_loss(ctx: Context, batch: Batch, x_t, noise, t) -> torch.Tensor:
-    """L_prior: the student's ordinary denoising loss on anchor images with their own captions."""
-    pred = ctx.backbone.unet(x_t, t, batch.anchor_text).sample
-    target = ctx.backbone.training_target(batch.latents, noise, t)
+    """L_prior: the student's ordinary denoising loss on anchor images with their own captions:
+    the batch's separate prior images when it has them (the reference), else its own x_t."""
+    latents, text = batch.latents, batch.anchor_text
+    if batch.prior is not None:
+        prior = batch.prior
+        latents, text, noise = prior.latents, prior.text, prior.noise.to(prior.latents)
+        t = prior.timesteps.to(latents.device)
+        x_t = ctx.backbone.add_noise(latents, noise, t)
+    pred = ctx.backbone.unet(x_t, t, text).sample
+    target = ctx.backbone.training_target(latents, noise, t)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -125,23 +146,26 @@ class DoCo:
             fake = backbone.predicted_original(
                 x_t, backbone.unet(x_t, t, batch.target_text).sample, t)
 
-        # Discriminator step (the only step during warm-up). D is small: it stays fp32, and in a
-        # data-parallel run every process trains it on the whole gathered batch, so all copies
-        # stay identical with no gradient exchange.
-        with timer("discriminator"):
-            real_all = dist.gather(real.float(), batch.sizes)
-            fake_all = dist.gather(fake.detach().float(), batch.sizes)
-            self.disc.train()
-            with ctx.precision.full_precision():
-                d_loss = self.disc.d_loss(real_all, fake_all)
-                self.d_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                self.d_opt.step()
-                accuracy = self.disc.accuracy(real_all, fake_all)
-        if warming_up:
-            return StepStats(loss=float("nan"), d_loss=d_loss.item(), d_accuracy=accuracy,
-                             generator_step=False)
+        real_all = dist.gather(real.float(), batch.sizes)
+        fake_all = dist.gather(fake.detach().float(), batch.sizes)
+        self.disc.train()
+        # The reference's order: the generator step first, judged by D as it stands, then D's
+        # step on the same (pre-update) pictures. During warm-up only D trains.
+        stats = StepStats(loss=float("nan"), generator_step=False) if warming_up else \
+            self._generator_step(batch, x_t, noise, t, fake, fake_all)
+        # D is small: it stays fp32, and in a data-parallel run every process trains it on the
+        # whole gathered batch, so all copies stay identical with no gradient exchange.
+        with timer("discriminator"), ctx.precision.full_precision():
+            d_loss = self.disc.d_loss(real_all, fake_all)
+            self.d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.d_opt.step()
+            stats.d_loss, stats.d_accuracy = d_loss.item(), self.disc.accuracy(real_all, fake_all)
+        return stats
 
+    def _generator_step(self, batch: Batch, x_t, noise, t, fake, fake_all) -> StepStats:
+        """g_u and g_p, combined by the surgery into the UNet's gradients (``p.grad``)."""
+        ctx, timer, dist = self.ctx, self.ctx.timer, self.ctx.dist
         # Unlearning gradient g_u: make the target's x̂0 look like the anchor's to D. With
         # several processes the loss is the whole batch's, and gradients flow through this
         # process's rows only: summed over processes, that is the whole batch's gradient.
@@ -168,8 +192,9 @@ class DoCo:
                                           dict(zip(names, g_p, strict=True)))
             for name, p in ctx.params.items():
                 p.grad = grads[name].to(p.dtype)
-        return StepStats(loss=adv.item(), preserve_loss=prior.item(), d_loss=d_loss.item(),
-                         d_accuracy=accuracy, surgery_fired=changed / len(params))
+        return StepStats(loss=adv.item(), preserve_loss=prior.item(),
+                         surgery_fired=changed / len(params))
+
 
 
 def _with_own_rows(whole: torch.Tensor, own: torch.Tensor, batch: Batch, dist) -> torch.Tensor:

@@ -82,8 +82,8 @@ def check_config(cfg: EraseConfig) -> None:
                          f"{', '.join(CONCEPT_TYPES)}")
     _check_numbers(cfg)
     for name, minimum in (("steps", 1), ("batch_size", 1), ("anchor_images_per_prompt", 1),
-                          ("anchor_steps", 1)):
-        if getattr(cfg, name) < minimum:
+                          ("anchor_steps", 1), ("anchor_prompt_count", 1)):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             raise UsageError(f"{name.replace('_', '-')} must be at least {minimum}")
     if cfg.batch_size > MAX_BATCH_AT_NATIVE:  # training runs at the backbone's native side
         raise UsageError(f"batch size {cfg.batch_size} is above the limit of "
@@ -301,12 +301,16 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     for note in notes:
         report.message(f"warning: {note}")
 
-    # Anchor images from the ORIGINAL model, reused across runs with the same settings. Drawn
-    # in batches of 32: measured fastest per image (docs/performance.md), same images as one by
-    # one since each image's noise has its own seed.
+    # Anchor images from the ORIGINAL model, reused across runs with the same settings. As the
+    # reference: DPM-Solver whatever the backbone's own sampler, and every image from its own
+    # noise (prompt p's image k is seeded seed + p x images per prompt + k). Drawn in batches of
+    # 32: measured fastest per image (docs/performance.md), same images as one by one since
+    # each image's noise has its own seed.
     anchor_settings = SampleSettings(
         prompts=anchors.anchor, images_per_prompt=cfg.anchor_images_per_prompt, seed=cfg.seed,
         steps=cfg.anchor_steps, guidance=cfg.anchor_guidance, batch_size=32,
+        sampler="dpm-solver", prompt_seeds=tuple(
+            cfg.seed + p * cfg.anchor_images_per_prompt for p in range(len(anchors.anchor))),
     ).for_backbone(backbone)
     _check_anchor_count(len(anchors.anchor) * cfg.anchor_images_per_prompt, backbone)
     share = dist.shard(len(anchors.anchor) * cfg.anchor_images_per_prompt)

@@ -20,7 +20,7 @@ import torch
 
 from conceptctl.erasure.distributed import SingleProcess
 from conceptctl.erasure.finite import NonFiniteWeightsError, all_finite, first_non_finite
-from conceptctl.erasure.methods import Batch, StepStats, draw_noise
+from conceptctl.erasure.methods import Batch, PriorBatch, StepStats, draw_noise
 from conceptctl.erasure.precision import Precision
 from conceptctl.errors import ConceptctlError
 
@@ -47,16 +47,25 @@ class TrainingData:
 
     def batch(self, size: int, generator: torch.Generator, device, dtype,
               num_timesteps: int = 1000, dist: SingleProcess | None = None) -> Batch:
-        """A batch of ``size`` images with their timesteps and noise, drawn from ``generator``
-        in a fixed order (indices, t, ε); with several processes, this process's share of it
-        (every process draws the same global batch, so the generators stay in step)."""
+        """A batch of ``size`` images with their timesteps and noise, and ``size`` more for the
+        preservation loss, drawn from ``generator`` in a fixed order (indices, t, ε, then the
+        prior's); with several processes, this process's share of it (every process draws the
+        same global batch, so the generators stay in step)."""
         dist = dist or SingleProcess()
         idx = torch.randint(len(self.latents), (size,), generator=generator)
         t, noise = draw_noise(generator, size, self.latents.shape[1:], num_timesteps)
+        # The preservation loss's own images, t and ε (the reference's separate prior batch).
+        prior_idx = torch.randint(len(self.latents), (size,), generator=generator)
+        prior_t, prior_noise = draw_noise(generator, size, self.latents.shape[1:], num_timesteps)
         rows = dist.shard(size)
         idx, t, noise = idx[rows], t[rows], noise[rows]
+        prior_idx, prior_t, prior_noise = prior_idx[rows], prior_t[rows], prior_noise[rows]
         prompts = self.prompt_index[idx]
         local = len(idx)
+        prior = PriorBatch(
+            latents=self.latents[prior_idx].to(device=device, dtype=dtype),
+            text=self.anchor_text[self.prompt_index[prior_idx]].to(device=device, dtype=dtype),
+            timesteps=prior_t.to(device), noise=prior_noise.to(device=device, dtype=dtype))
         return Batch(
             latents=self.latents[idx].to(device=device, dtype=dtype),
             anchor_text=self.anchor_text[prompts].to(device=device, dtype=dtype),
@@ -66,6 +75,7 @@ class TrainingData:
             noise=noise.to(device=device, dtype=dtype),
             sizes=None if dist.world == 1 else tuple(dist.shares(size)),
             share=local / size,
+            prior=prior,
         )
 
 

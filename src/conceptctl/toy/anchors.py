@@ -29,8 +29,9 @@ def _axis_of(word: str) -> tuple[str, str] | None:
 
 
 def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
-                   seed: int = 0) -> AnchorSet:
-    """Paired toy captions; ``per_pair`` captions for each (object or style, colour) pair."""
+                   seed: int = 0, fallback: dict | None = None) -> AnchorSet:
+    """Paired toy captions; ``per_pair`` captions for each (object or style, colour) pair.
+    For a concept the toy never learned: the built-in templates (``fallback``: their options)."""
     found_concept, found_anchor = _axis_of(concept), _axis_of(anchor)
     if found_concept is None or found_anchor is None or found_concept[0] != found_anchor[0]:
         missing = concept if found_concept is None else anchor
@@ -38,7 +39,7 @@ def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
             f"the toy model never learned {missing!r} as an object or style matching "
             f"{concept!r} -> {anchor!r}; using generic templates, expect little effect"),
             stacklevel=2)
-        return template_anchor_set(concept, anchor, kind)
+        return template_anchor_set(concept, anchor, kind, **(fallback or {}))
     axis, target_value = found_concept
     anchor_value = found_anchor[1]
     rng = random.Random(seed)
