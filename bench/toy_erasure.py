@@ -29,7 +29,7 @@ def main() -> None:
                         help="measure an existing artifact at --out instead of erasing again")
     for name, kind in (("steps", int), ("warmup", int), ("batch-size", int), ("lr", float),
                        ("d-lr", float), ("anchor-images", int), ("surgery", str),
-                       ("discriminator", str), ("params", str)):
+                       ("discriminator", str), ("params", str), ("prior-batch", str)):
         parser.add_argument(f"--{name}", type=kind)
     args = parser.parse_args()
 
@@ -48,7 +48,8 @@ def main() -> None:
         method=args.method, seed=args.seed, steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size,
         lr=args.lr, d_lr=args.d_lr, anchor_images_per_prompt=args.anchor_images,
-        surgery=args.surgery, discriminator=args.discriminator, params=args.params)
+        surgery=args.surgery, discriminator=args.discriminator, params=args.params,
+        prior_batch=args.prior_batch)
     out = args.out or Path(tempfile.mkdtemp(prefix="toy-erasure-")) / "artifact"
     start = time.time()
     result = None if args.skip_erase else erase(cfg, out, overwrite=True)

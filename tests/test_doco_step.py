@@ -116,3 +116,28 @@ def test_the_cli_scales_the_learning_rate_with_batch_size(cli, tiny_sd1, tmp_pat
     assert given.code == 0, given.err
     manifest = json.loads((tmp_path / "o2" / "conceptctl.json").read_text())
     assert manifest["hyperparameters"]["lr"] == 1e-4  # --lr is taken as given
+
+
+def test_a_shared_prior_batch_reuses_the_adversarial_images(training):
+    from dataclasses import replace
+
+    from conceptctl.erasure.methods import _noised, _preserving_loss
+
+    backbone, trained, data = training
+    batch = data.batch(4, torch.Generator().manual_seed(0), "cpu", torch.float32)
+    with torch.no_grad():
+        x_t, noise, t = _noised(trained.context, batch)
+        expected = F.mse_loss(backbone.unet(x_t, t, batch.anchor_text).sample,
+                              backbone.training_target(batch.latents, noise, t))
+        shared = _preserving_loss(trained.context, replace(batch, prior=None), x_t, noise, t)
+        separate = _preserving_loss(trained.context, batch, x_t, noise, t)
+    torch.testing.assert_close(shared, expected)
+    assert not torch.allclose(shared, separate)
+
+
+def test_an_unknown_prior_batch_is_refused():
+    from conceptctl.erasure.run import check_config
+    from conceptctl.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown prior batch 'sideways'"):
+        check_config(EraseConfig(concept="church", anchor="house", prior_batch="sideways"))

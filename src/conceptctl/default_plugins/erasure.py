@@ -20,7 +20,8 @@ def _doco(context, config):
         max_grad_norm=config.max_grad_norm)
     # The reference's discriminator optimiser: Adam, betas (0.5, 0.999).
     d_opt = torch.optim.Adam(disc.parameters(), lr=config.d_lr, betas=(0.5, 0.999))
-    return DoCo(context, disc, d_opt, surgery, warmup=config.warmup)
+    return DoCo(context, disc, d_opt, surgery, warmup=config.warmup,
+                prior_batch=config.prior_batch)
 
 
 def _ca(context, config):

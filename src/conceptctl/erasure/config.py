@@ -44,6 +44,9 @@ class EraseConfig:
     max_grad_norm: float = 1.0
     surgery_strength: float = 1.0
     prior_weight: float = 0.1
+    # The preservation loss's images: "separate" (the reference's own prior batch) or "shared"
+    # (the adversarial batch's own x_t, t and ε, as conceptctl did before; kept to measure both).
+    prior_batch: str = "separate"
     esd_eta: float = 1.0
     anchor_images_per_prompt: int = 5
     anchor_steps: int = 25

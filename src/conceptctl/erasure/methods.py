@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,9 @@ def _noised(ctx: Context, batch: Batch):
     return ctx.backbone.add_noise(latents, noise, t), noise, t
 
 
+PRIOR_BATCHES = ("separate", "shared")
+
+
 def _preserving_loss(ctx: Context, batch: Batch, x_t, noise, t) -> torch.Tensor:
     """L_prior: the student's ordinary denoising loss on anchor images with their own captions:
     the batch's separate prior images when it has them (the reference), else its own x_t."""
@@ -123,9 +126,10 @@ class DoCo:
     # its surgery, not after): the trainer applies what it returns with no further clip.
     clips_gradients = True
 
-    def __init__(self, ctx: Context, discriminator, d_optimizer, surgery, warmup: int) -> None:
+    def __init__(self, ctx: Context, discriminator, d_optimizer, surgery, warmup: int,
+                 prior_batch: str = "separate") -> None:
         self.ctx, self.disc, self.d_opt, self.surgery = ctx, discriminator, d_optimizer, surgery
-        self.warmup = warmup
+        self.warmup, self.prior_batch = warmup, prior_batch
         # Saved in checkpoints alongside the UNet's trainable tensors, for exact resumption.
         self.state_modules = {"discriminator": discriminator}
         self.state_optimizers = {"discriminator": d_optimizer}
@@ -177,7 +181,8 @@ class DoCo:
             dist.sum_(g_u)
         # Preserving gradient g_p: keep denoising anchor images under their own captions.
         with timer("student forward, preserving"):
-            prior = _preserving_loss(ctx, batch, x_t, noise, t)
+            own = batch if self.prior_batch == "separate" else replace(batch, prior=None)
+            prior = _preserving_loss(ctx, own, x_t, noise, t)
             if dist.world > 1:
                 prior = prior * batch.share  # summed over processes: the whole batch's mean
         with timer("student backward, preserving"):

@@ -25,7 +25,7 @@ from conceptctl.erasure.anchors import CONCEPT_TYPES
 from conceptctl.erasure.artifact import FORMAT_VERSION, base_record, write_artifact
 from conceptctl.erasure.checkpoints import load_checkpoint, save_checkpoint
 from conceptctl.erasure.config import EraseConfig
-from conceptctl.erasure.methods import Context, StepStats
+from conceptctl.erasure.methods import PRIOR_BATCHES, Context, StepStats
 from conceptctl.erasure.params import PARAM_GROUPS, select_parameters
 from conceptctl.erasure.precision import MODES as PRECISION_MODES
 from conceptctl.erasure.precision import Precision
@@ -92,6 +92,9 @@ def check_config(cfg: EraseConfig) -> None:
     if not 0 <= cfg.warmup < cfg.steps:
         raise UsageError(f"warm-up ({cfg.warmup}) must be at least 0 and below steps "
                          f"({cfg.steps})")
+    if cfg.prior_batch not in PRIOR_BATCHES:
+        raise UsageError(f"unknown prior batch {cfg.prior_batch!r}; use "
+                         f"{', '.join(PRIOR_BATCHES)}")
     if cfg.mixed_precision not in PRECISION_MODES:
         raise UsageError(f"unknown mixed precision {cfg.mixed_precision!r}; use "
                          f"{', '.join(PRECISION_MODES)}")
