@@ -121,7 +121,7 @@ def warmup_forward(h: doco_step.Harness, rounds: int, records: list):
 def surgery_and_optimiser(h: doco_step.Harness, rounds: int, records: list):
     """Surgery and AdamW on the trained tensors (SD 1.x: cross-attention k/v, 19 M values):
     before (fp64 copies of both gradients; torch's default multi-tensor AdamW) and now."""
-    from conceptctl.erasure.surgery import DocoProjection
+    from conceptctl.erasure.surgery import DocoProjection, project
 
     params = list(h.training.params.values())
     g = torch.Generator().manual_seed(0)
@@ -140,9 +140,14 @@ def surgery_and_optimiser(h: doco_step.Harness, rounds: int, records: list):
                 scale = dot / q.double().pow(2).sum().clamp_min(1e-12)
                 (u.double() - scale * q.double()).to(u.dtype)
 
+    def now_projection():  # the same projection as computed now, tensor by tensor
+        for u, q in pairs:
+            project(u, q)
+
     def now_surgery():
-        # The whole set at once, its joint clip included. The clip scales the unchanged g_u
-        # tensors in place: from the second call on they are already within the norm.
+        # The whole set at once, its joint clip included (the trainer's clip before). The clip
+        # scales the unchanged g_u tensors in place: from the second call on they are already
+        # within the norm.
         now(dict(unlearn), dict(preserve))
 
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -150,7 +155,8 @@ def surgery_and_optimiser(h: doco_step.Harness, rounds: int, records: list):
         c.grad = torch.randn(c.shape, generator=g)
     foreach = torch.optim.AdamW(copies, lr=1e-5, foreach=True)
     fused = torch.optim.AdamW(copies, lr=1e-5, fused=True)
-    ops = {"surgery, fp64 copies (before)": before_surgery, "surgery (now)": now_surgery,
+    ops = {"surgery, fp64 copies (before)": before_surgery, "surgery (now)": now_projection,
+           "surgery with its joint clip (now)": now_surgery,
            "AdamW multi-tensor (before)": foreach.step, "AdamW fused (now)": fused.step}
     for fn in ops.values():
         fn()
