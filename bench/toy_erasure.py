@@ -1,7 +1,7 @@
 """Erase a toy concept and measure it: the figures in docs/erase.md.
 
     python bench/toy_erasure.py --concept "Van Gogh" --anchor painting [--method doco]
-           [--seeds 2] [--seed 0] [any erase override: --steps 400 --lr 2e-4 ...] [--out DIR]
+           [--seeds 2] [--seed 0] [any erase override: --steps 400 --lr 1e-4 ...] [--out DIR]
 
 Runs `erase()` with the toy preset (plus overrides), then judges fixed prompt groups drawn by
 the original and the erased model with the same seeds (conceptctl.toy.erasure_check). Prints
@@ -44,7 +44,8 @@ def main() -> None:
     kind = guess_type(args.concept, args.anchor)
     base = EraseConfig(concept=args.concept, anchor=args.anchor, concept_type=kind,
                        backbone="toy")
-    cfg = base.with_overrides(**preset("toy", kind, args.batch_size)).with_overrides(
+    recipe = preset("toy", kind, args.batch_size, args.method)
+    cfg = base.with_overrides(**recipe).with_overrides(
         method=args.method, seed=args.seed, steps=args.steps, warmup=args.warmup,
         batch_size=args.batch_size,
         lr=args.lr, d_lr=args.d_lr, anchor_images_per_prompt=args.anchor_images,

@@ -19,7 +19,8 @@ from conceptctl.testing import tiny_erase_config
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd1", "tiny_sd2"])
-@pytest.mark.parametrize("method", ["doco", "ca", "esd-x"])
+@pytest.mark.parametrize("method", ["doco", "ca", "esd-x", "ca-doco-recipe",
+                                    "esd-x-doco-recipe"])
 def test_only_the_chosen_parameters_change(request, tmp_path, fixture, method):
     base = request.getfixturevalue(fixture)
     before = {k: v.clone() for k, v in open_backbone(str(base), device="cpu").unet.state_dict()
@@ -141,7 +142,8 @@ def test_killed_run_resumes_to_identical_weights(tiny_sd1, tmp_path):
     (["", "--anchor", "house"], "the concept to erase is empty"),
     (["church", "--anchor", "Church"], "the anchor equals the concept"),
     (["church", "--anchor", "house", "--method", "magic"],
-     "unknown method 'magic'; available: doco, ca, esd-x"),
+     "unknown method 'magic'; available: doco, ca, esd-x, ca-doco-recipe, "
+     "esd-x-doco-recipe"),
     (["church", "--anchor", "house", "--discriminator", "big"],
      "unknown discriminator 'big'; available: patchgan, hinge-sn"),
     (["church", "--anchor", "house", "--surgery", "laser"],

@@ -22,6 +22,9 @@ class Component:
     name: str
     factory: Callable[..., Any]
     description: str = ""
+    # Methods only: False for a method that makes its own training latents (ESD samples them
+    # from the model): the run then draws no anchor images and the method's steps get no batch.
+    uses_anchor_images: bool = True
 
     def build(self, **kwargs: Any) -> Any:
         return self.factory(**kwargs)

@@ -21,7 +21,8 @@ def erase(
                      "anchor).", show_default=False),
     ] = None,
     backbone: options.Backbone = None,
-    method: Annotated[str, typer.Option(help="Erasure method (see 'conceptctl plugins').")
+    method: Annotated[str, typer.Option(help="Erasure method: doco, ca, esd-x (each with its "
+                                        "authors' recipe), … (see 'conceptctl plugins').")
                       ] = "doco",
     discriminator: Annotated[str, typer.Option(help="DoCo discriminator.")] = "patchgan",
     surgery: Annotated[str, typer.Option(help="Gradient surgery.")] = "doco",
@@ -98,7 +99,9 @@ def erase(
     selector = anchor_selector or ("prompt-file" if anchor_prompts else None)
     base = EraseConfig(concept=concept.strip(), anchor=anchor.strip(), concept_type=kind,
                        backbone=backbone or settings.default_backbone, seed=seed)
-    cfg = base.with_overrides(**preset(spec.family, kind, batch_size)).with_overrides(
+    # Each method starts from its own recipe (ca, esd-x: their authors'; the rest: DoCo's).
+    recipe = preset(spec.family, kind, batch_size, method or "doco")
+    cfg = base.with_overrides(**recipe).with_overrides(
         method=method, discriminator=discriminator, surgery=surgery, anchor_selector=selector,
         anchor_prompts=str(anchor_prompts) if anchor_prompts else None,
         anchor_prompt_count=anchor_prompt_count, params=params,

@@ -27,13 +27,25 @@ def _doco(context, config):
 def _ca(context, config):
     from conceptctl.erasure.methods import AblatingConcepts
 
-    return AblatingConcepts(context, prior_weight=1.0)
+    return AblatingConcepts(context, prior_weight=0.0, goal="student")
+
+
+def _ca_doco_recipe(context, config):
+    from conceptctl.erasure.methods import AblatingConcepts
+
+    return AblatingConcepts(context, prior_weight=1.0, goal="frozen")
 
 
 def _esd_x(context, config):
-    from conceptctl.erasure.methods import EsdX
+    from conceptctl.erasure.esd import EsdX
 
-    return EsdX(context, eta=config.esd_eta)
+    return EsdX(context, config.concept, config.batch_size, eta=config.esd_eta)
+
+
+def _esd_x_doco_recipe(context, config):
+    from conceptctl.erasure.methods import EsdXOnAnchors
+
+    return EsdXOnAnchors(context, eta=config.esd_eta)
 
 
 def _patchgan(latent_channels, latent_size):
@@ -105,8 +117,13 @@ def _toy(config, backbone):
 @hookimpl
 def register_methods(register):
     register(Component("doco", _doco, "DoCo: adversarial domain correction + gradient surgery"))
-    register(Component("ca", _ca, "Ablating Concepts (model-based) with prior preservation"))
-    register(Component("esd-x", _esd_x, "ESD on cross-attention: negative guidance target"))
+    register(Component("ca", _ca, "Ablating Concepts (model-based), the authors' recipe"))
+    register(Component("esd-x", _esd_x, "ESD on cross-attention, the authors' recipe",
+                       uses_anchor_images=False))
+    register(Component("ca-doco-recipe", _ca_doco_recipe,
+                       "CA's loss (frozen target + DoCo's prior) with DoCo's recipe"))
+    register(Component("esd-x-doco-recipe", _esd_x_doco_recipe,
+                       "ESD's target on anchor x_t with DoCo's recipe"))
 
 
 @hookimpl

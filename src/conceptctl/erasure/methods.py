@@ -1,5 +1,6 @@
-"""Erasure methods: what one training step computes. DoCo and its two natural baselines share the
-anchor data, the trainer loop and the artifact, so they compare on equal footing.
+"""Erasure methods: what one training step computes. DoCo and the baselines' ``*-doco-recipe``
+variants share the anchor data, the trainer loop and the artifact, so they compare on equal
+footing; ``ca`` and ``esd-x`` follow their authors' recipes (``conceptctl.erasure.esd`` for ESD).
 
 Every method gets the same :class:`Batch` (anchor latents with their anchor- and target-prompt
 embeddings, the timesteps and noise drawn for them) and leaves gradients in the trainable
@@ -211,28 +212,49 @@ def _with_own_rows(whole: torch.Tensor, own: torch.Tensor, batch: Batch, dist) -
 
 
 class AblatingConcepts:
-    """``ca`` (Kumari et al. 2023, model-based): ε_θ(x_t, c_t) → sg ε*(x_t, c_a), plus the same
-    preserving loss as DoCo (weight ``prior_weight``) so the comparison isolates D + surgery."""
+    """``ca`` (Kumari et al. 2023, model-based): ε_θ(x_t, c_t) → sg ε_goal(x_t, c_a) on anchor
+    images, plus ``prior_weight`` × the preserving loss.
 
-    def __init__(self, ctx: Context, prior_weight: float = 1.0) -> None:
-        self.ctx, self.prior_weight = ctx, prior_weight
+    As the authors' code (concept-ablation diffusers/train.py) by default: the goal is the
+    model being trained itself, without gradient (``goal="student"``), and no prior loss.
+    ``goal="frozen"`` with ``prior_weight=1`` is the ``ca-doco-recipe`` variant: the original
+    model's prediction and DoCo's preserving loss, trained with DoCo's recipe, so that a
+    comparison isolates DoCo's discriminator and surgery."""
+
+    def __init__(self, ctx: Context, prior_weight: float = 0.0, goal: str = "student") -> None:
+        if goal not in ("student", "frozen"):
+            raise ValueError(f"goal must be 'student' or 'frozen', not {goal!r}")
+        self.ctx, self.prior_weight, self.goal = ctx, prior_weight, goal
 
     def training_step(self, batch: Batch, step: int) -> StepStats:
         ctx = self.ctx
         x_t, noise, t = _noised(ctx, batch)
         with torch.no_grad():
-            goal = ctx.frozen_unet(x_t, t, batch.anchor_text).sample
+            unet = ctx.backbone.unet if self.goal == "student" else ctx.frozen_unet
+            goal = unet(x_t, t, batch.anchor_text).sample
         loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
                           goal.float())
+        if not self.prior_weight:
+            ctx.precision.backward(loss)
+            return StepStats(loss=loss.item())
         prior = _preserving_loss(ctx, batch, x_t, noise, t)
         ctx.precision.backward(loss + self.prior_weight * prior)
         return StepStats(loss=loss.item(), preserve_loss=prior.item())
 
 
-class EsdX:
-    """``esd-x`` (Gandikota et al. 2023, cross-attention variant): ε_θ(x_t, c_t) →
-    ε*(x_t, ∅) − η (ε*(x_t, c_t) − ε*(x_t, ∅)), steering the concept's guidance direction
-    backwards. It needs no anchor: x_t comes from the same anchor latents for equal footing."""
+def esd_goal(ctx: Context, x_t, t, concept_text, empty_text, eta: float) -> torch.Tensor:
+    """ESD's target: ε*(x_t, ∅) − η (ε*(x_t, c) − ε*(x_t, ∅)), the original model's guidance
+    direction for the concept, reversed."""
+    with torch.no_grad():
+        uncond = ctx.frozen_unet(x_t, t, empty_text).sample
+        cond = ctx.frozen_unet(x_t, t, concept_text).sample
+        return uncond - eta * (cond - uncond)
+
+
+class EsdXOnAnchors:
+    """``esd-x-doco-recipe``: ESD's negative-guidance target, ε_θ(x_t, c_t) → esd_goal, on x_t
+    from the anchor images (with DoCo's recipe and trained tensors), for a comparison on equal
+    footing. ``esd-x`` (conceptctl.erasure.esd) is the authors' method and recipe."""
 
     def __init__(self, ctx: Context, eta: float = 1.0) -> None:
         self.ctx, self.eta = ctx, eta
@@ -240,10 +262,7 @@ class EsdX:
     def training_step(self, batch: Batch, step: int) -> StepStats:
         ctx = self.ctx
         x_t, _, t = _noised(ctx, batch)
-        with torch.no_grad():
-            uncond = ctx.frozen_unet(x_t, t, batch.empty_text).sample
-            cond = ctx.frozen_unet(x_t, t, batch.target_text).sample
-            goal = uncond - self.eta * (cond - uncond)
+        goal = esd_goal(ctx, x_t, t, batch.target_text, batch.empty_text, self.eta)
         loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
                           goal.float())
         ctx.precision.backward(loss)

@@ -315,8 +315,11 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
         sampler="dpm-solver", prompt_seeds=tuple(
             cfg.seed + p * cfg.anchor_images_per_prompt for p in range(len(anchors.anchor))),
     ).for_backbone(backbone)
-    _check_anchor_count(len(anchors.anchor) * cfg.anchor_images_per_prompt, backbone)
-    share = dist.shard(len(anchors.anchor) * cfg.anchor_images_per_prompt)
+    # A method that makes its own training latents (esd-x) needs no anchor images.
+    uses_images = getattr(get_registry("method").get(cfg.method), "uses_anchor_images", True)
+    count = len(anchors.anchor) * cfg.anchor_images_per_prompt if uses_images else 0
+    _check_anchor_count(count, backbone)
+    share = dist.shard(count)
     total = (share.stop - share.start) * anchor_settings.steps
     done = 0
 
@@ -327,32 +330,32 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
 
     # The trained tensors' base values (for the manifest), and the anchor cache file's name.
     base = base_record(select_parameters(backbone.unet, cfg.params))
-    digest = backbone_digest(backbone) if dist.is_main else None
+    digest = backbone_digest(backbone) if dist.is_main and uses_images else None
     if dist.is_main:
-        record |= data_record(backbone.dtype, base,
-                              len(anchors.anchor) * cfg.anchor_images_per_prompt,
-                              f"{cache_key(digest, anchor_settings)}.safetensors")
+        record |= data_record(backbone.dtype, base, count, f"{cache_key(digest, anchor_settings)}"
+                              ".safetensors" if uses_images else "")
     check_resume(resume_from, record, dist)
 
     t0 = time.time()
-    # Mixed precision speeds up drawing the anchors as much as training.
-    with Precision(cfg.mixed_precision, backbone.device.type).autocast():
-        latents, cached, cache_file = anchor_latents(
-            backbone, anchor_settings, settings.cache_dir, digest=digest, on_step=advance,
-            dist=dist)
+    data, cached, cache_file = None, False, None
+    if uses_images:
+        # Mixed precision speeds up drawing the anchors as much as training.
+        with Precision(cfg.mixed_precision, backbone.device.type).autocast():
+            latents, cached, cache_file = anchor_latents(
+                backbone, anchor_settings, settings.cache_dir, digest=digest, on_step=advance,
+                dist=dist)
+        report.message(("reused" if cached else "generated") +
+                       f" {len(latents)} anchor images ({cache_file.name})")
+        # Fixed prompts are encoded once; training never runs the text encoder.
+        data = TrainingData(
+            latents=latents,
+            prompt_index=torch.arange(len(anchors.anchor)).repeat_interleave(
+                cfg.anchor_images_per_prompt),
+            anchor_text=backbone.encode_prompts(list(anchors.anchor)).cpu(),
+            target_text=backbone.encode_prompts(list(anchors.target)).cpu(),
+            empty_text=backbone.encode_prompts([""]).cpu(),
+        )
     anchor_seconds = time.time() - t0
-    report.message(("reused" if cached else "generated") +
-                   f" {len(latents)} anchor images ({cache_file.name})")
-
-    # Fixed prompts are encoded once; training never runs the text encoder.
-    data = TrainingData(
-        latents=latents,
-        prompt_index=torch.arange(len(anchors.anchor)).repeat_interleave(
-            cfg.anchor_images_per_prompt),
-        anchor_text=backbone.encode_prompts(list(anchors.anchor)).cpu(),
-        target_text=backbone.encode_prompts(list(anchors.target)).cpu(),
-        empty_text=backbone.encode_prompts([""]).cpu(),
-    )
 
     training = prepare_training(backbone, cfg, dist=dist)
     params, state, precision = training.params, training.state, training.precision
@@ -500,7 +503,7 @@ def _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
         "seed": cfg.seed,
         "anchors": {"prompts": list(anchors.anchor), "targets": list(anchors.target),
                     "sampler": asdict(anchor_settings) | {"prompts": len(anchors.anchor)},
-                    "cache_file": cache_file.name},
+                    "cache_file": cache_file.name if cache_file else None},
         "training": _summary(history),
         "seconds": seconds,
         "peak_memory_mb": round(peak, 1),
@@ -508,6 +511,13 @@ def _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
                     "torch_threads": torch.get_num_threads()},
         "versions": versions,
     }
+
+
+def _anchor_line(m: dict) -> str:
+    if m["anchors"]["cache_file"] is None:
+        return "none (the method samples its own training latents)"
+    per_prompt = m["hyperparameters"]["anchor_images_per_prompt"]
+    return f"{len(m['anchors']['prompts'])} prompts x {per_prompt}"
 
 
 def _model_card(m: dict) -> str:
@@ -526,7 +536,7 @@ asking for **{m['concept']}** ({m['concept_type']}) should now give **{m['anchor
 | steps / warm-up / batch | {h['steps']} / {h['warmup']} / {h['batch_size']} |
 | learning rates | generator {h['lr']}, discriminator {h['d_lr']} |
 | seed | {h['seed']} |
-| anchor prompts | {len(m['anchors']['prompts'])} x {h['anchor_images_per_prompt']} images |
+| anchor images | {_anchor_line(m)} |
 | time | {m['seconds']['total']} s ({m['machine']['device']}) |
 
 `weights.safetensors` holds the new values of the replaced UNet tensors; `conceptctl.json` holds

@@ -90,7 +90,7 @@ def run_loop(
     method,
     optimizer: torch.optim.Optimizer,
     params: dict[str, torch.nn.Parameter],
-    data: TrainingData,
+    data: TrainingData | None,
     state: LoopState,
     *,
     steps: int,
@@ -107,10 +107,10 @@ def run_loop(
     modules: dict[str, torch.nn.Module] | None = None,
 ) -> LoopState:
     """Train from ``state.step`` to ``steps``; ``state`` carries the RNG so a resumed run draws
-    exactly the batches an uninterrupted one would. With several processes (``dist``) each
-    works on its share of every batch and all take the same optimiser step. ``modules``: what
-    the method trains besides ``params`` (default: its ``state_modules``, e.g. DoCo's
-    discriminator), checked for finite weights with them."""
+    exactly the batches an uninterrupted one would (``data`` None: the method draws its own).
+    With several processes (``dist``) each works on its share of every batch and all take the
+    same optimiser step. ``modules``: what the method trains besides ``params`` (default: its
+    ``state_modules``, e.g. DoCo's discriminator), checked for finite weights with them."""
     trainable = list(params.values())
     if modules is None:
         modules = dict(getattr(method, "state_modules", {}))
@@ -118,7 +118,9 @@ def run_loop(
     dist = dist or SingleProcess()
     while state.step < steps:
         step = state.step + 1
-        batch = data.batch(batch_size, state.generator, device, dtype, num_timesteps, dist)
+        # No data: the method makes its own training latents (esd-x) and gets no batch.
+        batch = None if data is None else data.batch(batch_size, state.generator, device, dtype,
+                                                     num_timesteps, dist)
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             stats = method.training_step(batch, step)

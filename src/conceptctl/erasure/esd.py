@@ -1,0 +1,95 @@
+"""``esd-x``: Erased Stable Diffusion on cross-attention (Gandikota et al., ICCV 2023), with the
+authors' recipe (rohitgandikota/erasing, train-scripts/train-esd.py, the paper's code).
+
+Each step: start from fresh noise, run k of 50 DDIM steps (η = 0, guidance 3) on the concept
+prompt with the model being trained (k uniform in 0..49), which leaves a latent x_t that the
+model itself would produce for the concept; then pull ε_θ(x_t, c) towards the original model's
+guidance direction reversed, ε*(x_t, ∅) − η (ε*(x_t, c) − ε*(x_t, ∅)). No anchor images.
+
+One deliberate difference: the reference queries the models at t ≈ 1000·k/50 although after k
+steps from pure noise its latent sits at the noise level of DDIM timestep k, i.e. t ≈ 1000·(1 −
+k/50); here every model is asked at the timestep the latent is actually at ("noised at the right
+level", docs/erase.md "Differences from the reference code").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from conceptctl.erasure.methods import Context, StepStats, esd_goal
+from conceptctl.errors import UsageError
+
+DDIM_STEPS = 50  # the reference's ddim_steps
+START_GUIDANCE = 3.0  # the reference's start_guidance (guidance of the partial sampling)
+
+
+def ddim_timesteps(num_train_timesteps: int, steps: int = DDIM_STEPS) -> torch.Tensor:
+    """The reference sampler's timesteps, descending: 0, T/n, 2T/n, … shifted by one (981, 961,
+    …, 1 for T = 1000 and n = 50, CompVis' 'uniform' DDIM schedule)."""
+    stride = max(num_train_timesteps // steps, 1)
+    ts = torch.arange(steps) * stride + 1
+    return ts.clamp(max=num_train_timesteps - 1).flip(0)
+
+
+def _epsilon(backbone, x: torch.Tensor, out: torch.Tensor, t: torch.Tensor):
+    """(x̂0, ε̂) from the UNet's output at x_t, whatever the model predicts."""
+    x0 = backbone.predicted_original(x, out, t)
+    if backbone.prediction_type == "epsilon":
+        return x0, out
+    abar = backbone.alphas_cumprod(t).view(-1, 1, 1, 1).to(x.dtype)
+    return x0, (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+@torch.no_grad()
+def partial_sample(backbone, unet, noise: torch.Tensor, text: torch.Tensor,
+                   empty: torch.Tensor, k: int, guidance: float = START_GUIDANCE,
+                   steps: int = DDIM_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """k deterministic DDIM steps from ``noise`` with classifier-free guidance; returns the
+    latent and the timestep it is at (the k-th of :func:`ddim_timesteps`), ᾱ from the model's
+    training schedule."""
+    ts = ddim_timesteps(backbone.num_train_timesteps, steps).to(noise.device)
+    x, n = noise, len(noise)
+    for i in range(k):
+        t = ts[i].expand(n)
+        both = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([empty, text])).sample
+        uncond, cond = both.chunk(2)
+        x0, eps = _epsilon(backbone, x, uncond + guidance * (cond - uncond), t)
+        abar = backbone.alphas_cumprod(ts[i + 1].expand(n)).view(-1, 1, 1, 1).to(x.dtype)
+        x = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    return x, ts[k].expand(n)
+
+
+class EsdX:
+    """``esd-x`` with the authors' recipe (module docstring). Draws no anchor images; ``batch``
+    is None. The trainer applies its gradient unclipped, as the reference does."""
+
+    clips_gradients = True  # i.e. the trainer must not clip: the reference never does
+
+    def __init__(self, ctx: Context, concept: str, batch_size: int, eta: float = 1.0) -> None:
+        if ctx.dist.world > 1:
+            raise UsageError(
+                "esd-x samples its own training latents one batch at a time and runs in one "
+                "process only", hint="run it without 'accelerate launch', or use "
+                "--method esd-x-doco-recipe")
+        backbone = ctx.backbone
+        self.ctx, self.eta, self.batch_size = ctx, eta, batch_size
+        self.text = backbone.encode_prompts([concept])
+        self.empty = backbone.encode_prompts([""])
+        side = backbone.resolution // backbone.vae_scale_factor
+        self.shape = (backbone.latent_channels, side, side)
+
+    def training_step(self, batch, step: int) -> StepStats:
+        ctx, backbone, n = self.ctx, self.ctx.backbone, self.batch_size
+        unet = backbone.unet
+        # Drawn on the CPU from the run's generator: the same on every device, and resumable.
+        k = int(torch.randint(DDIM_STEPS, (1,), generator=ctx.generator))
+        noise = torch.randn((n, *self.shape), generator=ctx.generator)
+        noise = noise.to(device=backbone.device, dtype=backbone.dtype)
+        text, empty = self.text.expand(n, -1, -1), self.empty.expand(n, -1, -1)
+        with ctx.timer("partial sampling"):
+            x_t, t = partial_sample(backbone, unet, noise, text, empty, k)
+        goal = esd_goal(ctx, x_t, t, text, empty, self.eta)
+        loss = F.mse_loss(unet(x_t, t, text).sample.float(), goal.float())
+        ctx.precision.backward(loss)
+        return StepStats(loss=loss.item())
