@@ -39,8 +39,13 @@ def test_each_method_starts_from_its_authors_recipe():
     assert (esd["steps"], esd["batch_size"], esd["params"], esd["weight_decay"],
             esd["esd_eta"]) == (1000, 1, "cross-attn", 0.0, 1.0)
     assert esd["lr"] == pytest.approx(1e-5)
-    # The toy keeps its anchor-image settings under every recipe; DoCo keeps its own.
-    assert preset("toy", "style", None, "ca")["anchor_steps"] == 20
+    assert esd["esd_sampling_steps"] == 50
+    # The toy keeps its anchor-image settings, 400 steps and 20 sampler steps under every
+    # recipe; rates, batches and tensors stay the authors'. DoCo keeps its own preset.
+    toy_ca, toy_esd = preset("toy", "style", None, "ca"), preset("toy", "object", None, "esd-x")
+    assert (toy_ca["anchor_steps"], toy_ca["steps"], toy_ca["lr"]) == (20, 400, ca["lr"])
+    assert (toy_esd["steps"], toy_esd["esd_sampling_steps"], toy_esd["batch_size"]) == (
+        400, 20, 1)
     assert preset("toy", "style", None, "doco")["steps"] == 400
     assert preset("sd", "style", None, "ca-doco-recipe") == preset("sd", "style", None, "doco")
 

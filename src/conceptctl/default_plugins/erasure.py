@@ -39,7 +39,8 @@ def _ca_doco_recipe(context, config):
 def _esd_x(context, config):
     from conceptctl.erasure.esd import EsdX
 
-    return EsdX(context, config.concept, config.batch_size, eta=config.esd_eta)
+    return EsdX(context, config.concept, config.batch_size, eta=config.esd_eta,
+                sampling_steps=config.esd_sampling_steps)
 
 
 def _esd_x_doco_recipe(context, config):

@@ -1,8 +1,9 @@
 """``esd-x``: Erased Stable Diffusion on cross-attention (Gandikota et al., ICCV 2023), with the
 authors' recipe (rohitgandikota/erasing, train-scripts/train-esd.py, the paper's code).
 
-Each step: start from fresh noise, run k of 50 DDIM steps (η = 0, guidance 3) on the concept
-prompt with the model being trained (k uniform in 0..49), which leaves a latent x_t that the
+Each step: start from fresh noise, run k of n DDIM steps (η = 0, guidance 3; n = 50 as the
+reference, ``esd_sampling_steps``) on the concept prompt with the model being trained (k uniform
+in 0..n−1), which leaves a latent x_t that the
 model itself would produce for the concept; then pull ε_θ(x_t, c) towards the original model's
 guidance direction reversed, ε*(x_t, ∅) − η (ε*(x_t, c) − ε*(x_t, ∅)). No anchor images.
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from conceptctl.erasure.methods import Context, StepStats, esd_goal
 from conceptctl.errors import UsageError
 
-DDIM_STEPS = 50  # the reference's ddim_steps
+DDIM_STEPS = 50  # the reference's ddim_steps (the esd_sampling_steps setting's default)
 START_GUIDANCE = 3.0  # the reference's start_guidance (guidance of the partial sampling)
 
 
@@ -66,14 +67,15 @@ class EsdX:
 
     clips_gradients = True  # i.e. the trainer must not clip: the reference never does
 
-    def __init__(self, ctx: Context, concept: str, batch_size: int, eta: float = 1.0) -> None:
+    def __init__(self, ctx: Context, concept: str, batch_size: int, eta: float = 1.0,
+                 sampling_steps: int = DDIM_STEPS) -> None:
         if ctx.dist.world > 1:
             raise UsageError(
                 "esd-x samples its own training latents one batch at a time and runs in one "
                 "process only", hint="run it without 'accelerate launch', or use "
                 "--method esd-x-doco-recipe")
         backbone = ctx.backbone
-        self.ctx, self.eta, self.batch_size = ctx, eta, batch_size
+        self.ctx, self.eta, self.batch_size, self.steps = ctx, eta, batch_size, sampling_steps
         self.text = backbone.encode_prompts([concept])
         self.empty = backbone.encode_prompts([""])
         side = backbone.resolution // backbone.vae_scale_factor
@@ -83,12 +85,12 @@ class EsdX:
         ctx, backbone, n = self.ctx, self.ctx.backbone, self.batch_size
         unet = backbone.unet
         # Drawn on the CPU from the run's generator: the same on every device, and resumable.
-        k = int(torch.randint(DDIM_STEPS, (1,), generator=ctx.generator))
+        k = int(torch.randint(self.steps, (1,), generator=ctx.generator))
         noise = torch.randn((n, *self.shape), generator=ctx.generator)
         noise = noise.to(device=backbone.device, dtype=backbone.dtype)
         text, empty = self.text.expand(n, -1, -1), self.empty.expand(n, -1, -1)
         with ctx.timer("partial sampling"):
-            x_t, t = partial_sample(backbone, unet, noise, text, empty, k)
+            x_t, t = partial_sample(backbone, unet, noise, text, empty, k, steps=self.steps)
         goal = esd_goal(ctx, x_t, t, text, empty, self.eta)
         loss = F.mse_loss(unet(x_t, t, text).sample.float(), goal.float())
         ctx.precision.backward(loss)

@@ -82,7 +82,8 @@ def check_config(cfg: EraseConfig) -> None:
                          f"{', '.join(CONCEPT_TYPES)}")
     _check_numbers(cfg)
     for name, minimum in (("steps", 1), ("batch_size", 1), ("anchor_images_per_prompt", 1),
-                          ("anchor_steps", 1), ("anchor_prompt_count", 1)):
+                          ("anchor_steps", 1), ("anchor_prompt_count", 1),
+                          ("esd_sampling_steps", 2)):
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             raise UsageError(f"{name.replace('_', '-')} must be at least {minimum}")
     if cfg.batch_size > MAX_BATCH_AT_NATIVE:  # training runs at the backbone's native side
