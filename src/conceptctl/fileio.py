@@ -30,6 +30,14 @@ def _umask() -> int:
     return mask
 
 
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder in ``parent`` to assemble a result in before renaming it into place,
+    with the usual permissions (``mkdtemp`` makes it private, 0700, whatever the umask)."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    staging.chmod(0o777 & ~_umask())
+    return staging
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder next to ``target``; on success it becomes ``target``.
@@ -43,10 +51,8 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_free(target, overwrite, "folder")
     with output_lock(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        staging = staging_dir(target.parent, f".{target.name}.tmp-")
         try:
-            # mkdtemp makes a private (0700) folder; the result should get the usual permissions.
-            staging.chmod(0o777 & ~_umask())
             yield staging
             check_output_free(target, overwrite, "folder")  # still true after the work?
             _replace_folder(staging, target)

@@ -73,7 +73,7 @@ def check_config(cfg: EraseConfig) -> None:
     if not cfg.anchor.strip():
         raise UsageError("the anchor concept is empty", hint="--anchor names what the concept "
                          "should become, e.g. --anchor painting")
-    if cfg.concept.strip().lower() == cfg.anchor.strip().lower():
+    if " ".join(cfg.concept.lower().split()) == " ".join(cfg.anchor.lower().split()):
         raise UsageError(f"the anchor equals the concept ({cfg.concept!r})",
                          hint="choose an anchor the concept should turn into, e.g. church -> "
                          "house")

@@ -1,0 +1,155 @@
+"""A battery of bad inputs, tried as a hostile user would: each ends with exit ≠ 0, one
+'error:' line naming what is wrong (a hint where one helps), no traceback, never "this is a bug",
+and nothing written at the output path."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from conceptctl.erasure.anchors import derive_target
+from conceptctl.evaluation.attacks import paraphrases
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_sd1):
+    """A real artifact of the tiny SD1 pipeline, copied fresh for each case that damages it."""
+    from conceptctl.backbones.loading import open_backbone
+    from conceptctl.testing import write_test_artifact
+
+    out = tmp_path_factory.mktemp("artifact") / "church"
+    write_test_artifact(open_backbone(str(tiny_sd1), device="cpu"), out)
+    return out
+
+
+def _damaged(artifact, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    damage(copy)
+    return copy
+
+
+def _json(text):
+    return lambda art: (art / "conceptctl.json").write_text(text)
+
+
+def _manifest_edit(edit):
+    import json
+
+    def damage(art):
+        record = json.loads((art / "conceptctl.json").read_text())
+        edit(record)
+        (art / "conceptctl.json").write_text(json.dumps(record))
+    return damage
+
+
+def _weights(content):
+    return lambda art: (art / "weights.safetensors").write_bytes(content)
+
+
+def _fifo(art):
+    (art / "weights.safetensors").unlink()
+    os.mkfifo(art / "weights.safetensors")
+
+
+DAMAGE = {
+    "manifest not JSON": (_json("{not json"), "conceptctl.json is not valid JSON"),
+    "manifest a list": (_json("[1, 2]"), "holds a JSON list, not an object"),
+    "manifest 5000-digit number": (_json('{"format_version": 1' + "0" * 5000 + "}"),
+                                   "is not valid JSON"),
+    "manifest without base": (_manifest_edit(lambda r: r.pop("base")), "has no 'base' field"),
+    "manifest without concept": (_manifest_edit(lambda r: r.pop("concept")),
+                                 "has no 'concept' field"),
+    "manifest base a string": (_manifest_edit(lambda r: r.update(base="sd")),
+                               "'base' must be an object, not str"),
+    "manifest tensors not a list": (_manifest_edit(lambda r: r["base"].update(tensors=3)),
+                                    "'base.tensors' must be a list"),
+    "weights empty": (_weights(b""), "as safetensors"),
+    "weights truncated": (lambda art: (art / "weights.safetensors").write_bytes(
+        (art / "weights.safetensors").read_bytes()[:100]), "as safetensors"),
+    "weights garbage": (_weights(os.urandom(4096)), "as safetensors"),
+    "weights missing": (lambda art: (art / "weights.safetensors").unlink(),
+                        "weights.safetensors is missing"),
+    "weights a FIFO": (_fifo, "is not a regular file"),
+}
+
+
+def _refused(result, phrase, out=None):
+    lines = result.err.strip().splitlines()
+    assert result.code != 0, result.err
+    assert "Traceback" not in result.err + result.out
+    assert "bug" not in result.err.lower(), result.err
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, result.err
+    assert phrase in errors[0], (phrase, errors[0])
+    if out is not None:
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_artifact_is_one_clear_line(cli, artifact, tmp_path, case):
+    damage, phrase = DAMAGE[case]
+    art = _damaged(artifact, tmp_path, damage)
+    out = tmp_path / "samples"
+    _refused(cli("sample", "a church", "--model", art, "-o", out, "--steps", "2"), phrase, out)
+
+
+def test_a_manifest_with_a_byte_order_mark_still_reads(artifact, tmp_path):
+    from conceptctl.erasure.artifact import read_artifact
+
+    def bom(art):
+        path = art / "conceptctl.json"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_artifact(_damaged(artifact, tmp_path, bom)).manifest["concept"] == "church"
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["erase", "red  church", "--anchor", " Red church"], "the anchor equals the concept"),
+    (["config", "set", "device", "tpu"], "unknown device 'tpu'"),
+    (["config", "set", "dtype", "float8"], "dtype must be one of"),
+])
+def test_bad_settings_are_refused_before_any_work(cli, tmp_path, args, phrase):
+    _refused(cli(*args), phrase)
+
+
+def test_an_anchor_prompt_file_that_is_not_text(cli, tmp_path):
+    prompts = tmp_path / "anchors.txt"
+    prompts.write_bytes(b"\xff\xfe a photo of a house\n")
+    out = tmp_path / "out"
+    _refused(cli("erase", "church", "--anchor", "house", "--anchor-prompts", prompts,
+                 "-o", out), "is not UTF-8 text", out)
+
+
+def test_a_prompt_csv_with_a_column_twice(cli, artifact, tmp_path):
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,evaluation_seed,case_number,prompt\na church,1,0,a house\n")
+    out = tmp_path / "eval"
+    _refused(cli("eval", artifact, "--prompts", prompts, "-o", out), "appear more than once",
+             out)
+
+
+def test_user_text_is_never_a_regex_template():
+    """Backslashes in a concept are text: 'c\\1' once crashed ('invalid group reference') and
+    'x\\g<0>' silently rewrote target prompts."""
+    assert derive_target("a photo of a house", r"c\1", "house", "object") == r"a photo of a c\1"
+    assert derive_target("a house by a lake", r"x\g<0>", "house", "object") == (
+        r"a x\g<0> by a lake")
+    assert r"a photo of a c\1" in paraphrases(r"a photo of a c\1", r"c\1")
+
+
+def test_checkpoints_get_the_usual_permissions(tmp_path):
+    import torch
+
+    from conceptctl.erasure.checkpoints import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path, 1, trainable={"w": torch.zeros(2)}, optimizers={},
+                               modules={}, generator=torch.Generator(), history=[], keep=2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
