@@ -153,3 +153,30 @@ def test_checkpoints_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("code, phrase", [
+    ("ENOSPC", "no space left on the device holding /data/out/weights.safetensors"),
+    ("EROFS", "/data/out/weights.safetensors is on a read-only file system"),
+    ("EACCES", "permission denied: /data/out/weights.safetensors"),
+])
+def test_what_the_file_system_refuses_is_one_line_not_a_bug(cli, code, phrase):
+    """A full disk, a read-only or forbidden folder, met anywhere (here: a plugin's command)."""
+    import errno
+
+    from conceptctl.hookspecs import hookimpl
+    from conceptctl.plugins import register_plugin, unregister_plugin
+
+    class Disk:
+        @hookimpl
+        def register_commands(self, app):
+            @app.command("fill")
+            def fill():
+                number = getattr(errno, code)
+                raise OSError(number, os.strerror(number), "/data/out/weights.safetensors")
+
+    register_plugin(Disk(), "disk")
+    try:
+        _refused(cli("fill"), phrase)
+    finally:
+        unregister_plugin("disk")
