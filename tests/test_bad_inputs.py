@@ -180,3 +180,14 @@ def test_what_the_file_system_refuses_is_one_line_not_a_bug(cli, code, phrase):
         _refused(cli("fill"), phrase)
     finally:
         unregister_plugin("disk")
+
+
+def test_eval_of_a_toy_artifact_whose_concept_the_toy_does_not_know(cli, tmp_path):
+    from conceptctl.backbones.loading import open_backbone
+    from conceptctl.testing import write_test_artifact
+
+    art = write_test_artifact(open_backbone("toy", device="cpu"), tmp_path / "dragon",
+                              concept="dragon", anchor="house")
+    out = tmp_path / "eval"
+    _refused(cli("eval", art, "-o", out), "'dragon' is not a style or object of the toy world",
+             out)
