@@ -168,11 +168,6 @@ def _get_state() -> _State:
     return _state
 
 
-def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager, built on first use."""
-    return _get_state().pm
-
-
 def plugin_infos() -> list[PluginInfo]:
     """Every loaded plugin, built-ins first."""
     return list(_get_state().infos.values())

@@ -22,6 +22,7 @@ from conceptctl.errors import UsageError
 
 GROUPS = ("target", "target-oos", "anchor", "hard-negative", "general")
 TARGET_GROUPS = ("target", "target-oos")
+PASS_THRESHOLD = 0.9  # the verdict's bar for erasure success and preservation
 REQUIRED_COLUMNS = ("prompt", "evaluation_seed", "case_number")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from conceptctl.evaluation.cases import PASS_THRESHOLD
 from conceptctl.fileio import atomic_directory, write_json
 
 GRID_ROWS = 12  # cases shown per group in the HTML page (all are saved as files)
@@ -100,11 +101,11 @@ def _chart(metrics: list[dict]) -> str:
     bar_h, label_w, width = 22, 260, 360
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 60}" '
              f'height="{bar_h * len(rows) + 24}" role="img" aria-label="metrics chart">']
-    x90 = label_w + 0.9 * width
+    x90 = label_w + PASS_THRESHOLD * width
     for n, m in enumerate(rows):
         y = n * bar_h + 4
         value = max(0.0, min(1.0, m["value"]))
-        ok = value >= 0.9
+        ok = value >= PASS_THRESHOLD
         parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" '
                      f'font-size="12">{html.escape(m["metric"])} · '
                      f'{html.escape(m["group"])}</text>')

@@ -18,7 +18,7 @@ import torch
 
 from conceptctl.erasure.distributed import SingleProcess
 from conceptctl.errors import UsageError
-from conceptctl.evaluation.cases import Case, Suite, read_prompt_csv
+from conceptctl.evaluation.cases import PASS_THRESHOLD, Case, Suite, read_prompt_csv
 from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
 from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases
 from conceptctl.fingerprint import file_sha256
@@ -26,7 +26,6 @@ from conceptctl.registry import get_registry
 from conceptctl.sampling import SampleSettings
 
 DEFAULT_ATTACKS = ("embedding", "paraphrase")
-PASS_THRESHOLD = 0.9  # the verdict's bar for erasure success and preservation
 
 
 @dataclass
