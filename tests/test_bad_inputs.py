@@ -191,3 +191,21 @@ def test_eval_of_a_toy_artifact_whose_concept_the_toy_does_not_know(cli, tmp_pat
     out = tmp_path / "eval"
     _refused(cli("eval", art, "-o", out), "'dragon' is not a style or object of the toy world",
              out)
+
+
+def test_the_report_escapes_a_note_once():
+    """A metric's note with HTML characters shows as written ('&lt;', not '&amp;lt;')."""
+    from types import SimpleNamespace
+
+    from conceptctl.evaluation.report import render_html
+
+    result = {"artifact": {"concept": "c<1>", "anchor": "a", "method": "m"}, "backbone": "toy",
+              "verdict": {"status": "unknown", "text": "no detector"},
+              "metrics": [{"metric": "fd", "group": "general", "value": None,
+                           "direction": "lower", "images": 0, "details": {},
+                           "note": "needs <scipy> & more"}],
+              "attacks": [], "suite": {}, "draw": {}, "detector": None, "versions": {}}
+    run = SimpleNamespace(suite=SimpleNamespace(groups=lambda: []))
+    page = render_html(result, run, [])
+    assert "needs &lt;scipy&gt; &amp; more" in page
+    assert "&amp;lt;" not in page and "c&lt;1&gt;" in page

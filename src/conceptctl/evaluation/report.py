@@ -148,8 +148,8 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
     for m in result["metrics"]:
         unit = m.get("unit", "share")
         details = ", ".join(f"{k} {_fmt(v, unit) if isinstance(v, float) else v}"
-                            for k, v in m["details"].items()) or html.escape(m["note"])
-        out.append(f"<tr><td>{m['metric']}</td><td>{html.escape(m['group'])}</td>"
+                            for k, v in m["details"].items()) or m["note"]  # escaped below, once
+        out.append(f"<tr><td>{html.escape(m['metric'])}</td><td>{html.escape(m['group'])}</td>"
                    f"<td>{_fmt(m['value'], unit)}</td><td>{m['direction']}</td>"
                    f"<td>{m['images']}</td><td>{html.escape(details)}</td></tr>")
     out.append("</table><h2>Robustness</h2><table><tr><th>attack</th><th>target prompts</th>"
@@ -168,8 +168,8 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
             continue
         grid, prompts = made
         shown = min(len(prompts), GRID_ROWS)
-        out.append(f"<figure><h3>{html.escape(group)}</h3><img class='grid' alt='{group} grid' "
-                   f"width='{_shown_width(grid)}' "
+        out.append(f"<figure><h3>{html.escape(group)}</h3><img class='grid' "
+                   f"alt='{html.escape(group)} grid' width='{_shown_width(grid)}' "
                    f"src='{_png_data(grid)}'><figcaption>rows: "
                    + "; ".join(html.escape(p) for p in prompts[:shown]) + "</figcaption></figure>")
     for summary, attempts in zip(result["attacks"], attempts_per_attack, strict=True):
