@@ -209,3 +209,30 @@ def test_the_report_escapes_a_note_once():
     page = render_html(result, run, [])
     assert "needs &lt;scipy&gt; &amp; more" in page
     assert "&amp;lt;" not in page and "c&lt;1&gt;" in page
+
+
+def test_what_a_killed_run_left_is_cleared_by_the_next_one(tmp_path):
+    """Staging folders and temporary files of a SIGKILLed run are removed when the same output
+    is next written; an old output moved aside is put back if its replacement never arrived."""
+    from conceptctl.fileio import atomic_directory, atomic_file
+
+    (tmp_path / ".out.tmp-k1ll3d").mkdir()
+    (tmp_path / ".out.tmp-k1ll3d" / "weights.safetensors").write_bytes(b"half")
+    (tmp_path / ".delta.safetensors.0123abcd.tmp").write_bytes(b"half")
+    (tmp_path / ".other.tmp-keep").mkdir()  # another output's: not ours to touch now
+    with atomic_directory(tmp_path / "out") as staging:
+        (staging / "a.txt").write_text("new")
+    with atomic_file(tmp_path / "delta.safetensors") as tmp:
+        tmp.write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.tmp-keep", "delta.safetensors", "out"]
+
+    # Killed between moving the old output aside and renaming the new one in: restored.
+    (tmp_path / ".kept.old-x1").mkdir()
+    (tmp_path / ".kept.old-x1" / "old").mkdir()
+    (tmp_path / ".kept.old-x1" / "old" / "report.json").write_text("{}")
+    from conceptctl.fileio import clear_leftovers
+
+    clear_leftovers(tmp_path / "kept")
+    assert (tmp_path / "kept" / "report.json").is_file()
+    assert not (tmp_path / ".kept.old-x1").exists()
