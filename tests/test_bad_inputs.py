@@ -236,3 +236,24 @@ def test_what_a_killed_run_left_is_cleared_by_the_next_one(tmp_path):
     clear_leftovers(tmp_path / "kept")
     assert (tmp_path / "kept" / "report.json").is_file()
     assert not (tmp_path / ".kept.old-x1").exists()
+
+
+def test_images_the_judge_cannot_read(cli, tmp_path):
+    """A decompression bomb (a tiny PNG declaring 400 M pixels) and a file that is no image."""
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20_000, 20_000)).save(bomb)
+    _refused(cli("toy", "judge", bomb), f"cannot read {bomb} as an image")
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    _refused(cli("toy", "judge", text), f"cannot read {text} as an image")
+
+
+def test_a_pipeline_folder_with_an_empty_model_index(cli, tmp_path):
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    out = tmp_path / "s"
+    _refused(cli("sample", "a church", "--backbone", folder, "-o", out),
+             f"cannot load the diffusers folder {folder}", out)
