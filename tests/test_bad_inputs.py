@@ -109,11 +109,28 @@ def test_a_manifest_with_a_byte_order_mark_still_reads(artifact, tmp_path):
 
 @pytest.mark.parametrize("args, phrase", [
     (["erase", "red  church", "--anchor", " Red church"], "the anchor equals the concept"),
+    (["erase", "church", "--anchor", "house", "--steps", "0"], "'--steps'"),
+    (["sample", "a church", "-n", "0"], "'--num-images'"),
     (["config", "set", "device", "tpu"], "unknown device 'tpu'"),
     (["config", "set", "dtype", "float8"], "dtype must be one of"),
+    (["config", "set", "colour", "red"], "unknown setting 'colour'"),
 ])
 def test_bad_settings_are_refused_before_any_work(cli, tmp_path, args, phrase):
-    _refused(cli(*args), phrase)
+    out = tmp_path / "out"
+    extra = ["-o", out] if args[0] in ("erase", "sample") else []
+    _refused(cli(*args, *extra), phrase, out)
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["export", "{missing}", "--format", "diffusers"], "is not a conceptctl artifact"),
+    (["export", "{art}", "--format", "zip"], "unknown exporter 'zip'"),
+    (["eval", "{art}", "--attacks", "bogus"], "unknown attack 'bogus'"),
+    (["eval", "{art}", "--images-per-prompt", "0"], "'--images-per-prompt'"),
+])
+def test_bad_export_and_eval_requests(cli, artifact, tmp_path, args, phrase):
+    out = tmp_path / "out"
+    args = [a.format(art=artifact, missing=tmp_path / "missing") for a in args]
+    _refused(cli(*args, "-o", out), phrase, out)
 
 
 def test_an_anchor_prompt_file_that_is_not_text(cli, tmp_path):

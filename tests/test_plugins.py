@@ -75,6 +75,10 @@ def test_env_variable_limits_third_party_plugins(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCEPTCTL_PLUGINS", "good, other")
     reset_plugins()
     assert "fake-good" in get_registry("backbone")
+    # A name nothing provides (a typo, an uninstalled package) is reported, not ignored.
+    failures = {f.name: f.error for f in plugin_failures()}
+    assert "no installed package provides" in failures["other"]
+    assert "good" not in failures
 
 
 def test_plugin_that_fails_to_import_is_reported_and_others_work(tmp_path, monkeypatch, cli):
