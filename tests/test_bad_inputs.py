@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+import torch
 
 from conceptctl.erasure.anchors import derive_target
 from conceptctl.evaluation.attacks import paraphrases
@@ -274,3 +275,32 @@ def test_a_pipeline_folder_with_an_empty_model_index(cli, tmp_path):
     out = tmp_path / "s"
     _refused(cli("sample", "a church", "--backbone", folder, "-o", out),
              f"cannot load the diffusers folder {folder}", out)
+
+
+def test_a_damaged_or_unwritable_anchor_cache_does_not_stop_an_erase(tiny_sd1, tmp_path,
+                                                                     isolated_home):
+    """A truncated cache file is drawn again (and rewritten); a cache that cannot be written
+    (here 'anchors' is a file, as a full or read-only disk would refuse) is skipped. Both say
+    so in a warning and end with the same weights as a clean run."""
+    from safetensors.torch import load_file
+
+    from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
+
+    cfg = tiny_erase_config(tiny_sd1, steps=2)
+    clean = erase(cfg, tmp_path / "clean")
+    cache = next((isolated_home / "cache" / "anchors").glob("*.safetensors"))
+    cache.write_bytes(cache.read_bytes()[:64])
+    redrawn = erase(cfg, tmp_path / "redrawn")
+    assert not redrawn.anchors_cached and "drawing the images again" in redrawn.warnings[-1]
+    assert load_file(cache)["latents"].dim() == 4  # rewritten whole
+
+    import shutil
+    shutil.rmtree(isolated_home / "cache" / "anchors")
+    (isolated_home / "cache" / "anchors").write_text("not a folder")
+    skipped = erase(cfg, tmp_path / "skipped")
+    assert "goes on without the cache" in skipped.warnings[-1]
+    weights = [load_file(str(r.out_dir / "weights.safetensors")) for r in (clean, redrawn,
+                                                                             skipped)]
+    for name, tensor in weights[0].items():
+        assert all(torch.equal(tensor, w[name]) for w in weights[1:]), name

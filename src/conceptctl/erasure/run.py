@@ -282,7 +282,12 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     """The run itself, writing checkpoints and the artifact into ``out_dir`` (the output, or the
     staging folder that replaces an earlier output once complete)."""
     from conceptctl.backbones.loading import open_backbone
-    from conceptctl.erasure.anchor_data import anchor_latents, backbone_digest, cache_key
+    from conceptctl.erasure.anchor_data import (
+        AnchorCacheWarning,
+        anchor_latents,
+        backbone_digest,
+        cache_key,
+    )
     from conceptctl.sampling import SampleSettings, library_versions
 
     # A resumed run must be the checkpoint's own run (conceptctl.erasure.resume): the settings
@@ -341,10 +346,16 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     data, cached, cache_file = None, False, None
     if uses_images:
         # Mixed precision speeds up drawing the anchors as much as training.
-        with Precision(cfg.mixed_precision, backbone.device.type).autocast():
+        with Precision(cfg.mixed_precision, backbone.device.type).autocast(), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AnchorCacheWarning)
             latents, cached, cache_file = anchor_latents(
                 backbone, anchor_settings, settings.cache_dir, digest=digest, on_step=advance,
                 dist=dist)
+        for note in [str(w.message) for w in caught  # a damaged or unwritable cache
+                     if issubclass(w.category, AnchorCacheWarning)]:
+            notes.append(note)
+            report.message(f"warning: {note}")
         report.message(("reused" if cached else "generated") +
                        f" {len(latents)} anchor images ({cache_file.name})")
         # Fixed prompts are encoded once; training never runs the text encoder.
