@@ -304,3 +304,20 @@ def test_a_damaged_or_unwritable_anchor_cache_does_not_stop_an_erase(tiny_sd1, t
                                                                              skipped)]
     for name, tensor in weights[0].items():
         assert all(torch.equal(tensor, w[name]) for w in weights[1:]), name
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_that_is_a_symbolic_link(cli, tmp_path, overwrite):
+    """A dangling link once crashed (NotADirectoryError); a link to a user's folder must never
+    be written through, with or without --overwrite."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("keep me")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "linked").symlink_to(theirs)
+    extra = ["--overwrite"] if overwrite else []
+    for link in ("dangling", "linked"):
+        _refused(cli("sample", "a church", "-n", "1", "-o", tmp_path / link, *extra),
+                 "is a symbolic link")
+    assert not (tmp_path / "nowhere").exists()
+    assert [p.name for p in theirs.iterdir()] == ["thesis.tex"]
