@@ -58,6 +58,18 @@ def test_toy_diffusers_folder_loads_in_plain_diffusers(toy_artifact, tmp_path, c
     np.testing.assert_array_equal(_draw(plain, "pil"), expected)
     assert "BertModel" in (out / "README.md").read_text()
 
+    # The folder keeps the toy's defaults: `--backbone FOLDER` draws the same picture as
+    # `--model ARTIFACT` with no --steps / --guidance (not SD's 30 steps at 7.5).
+    from conceptctl.backbones.resolve import resolve_backbone
+
+    spec = resolve_backbone(str(out))
+    assert (spec.family, spec.sample_steps, spec.sample_guidance) == ("toy", STEPS, GUIDANCE)
+    assert (spec.detector, spec.eval_suite, spec.anchor_selector) == ("toy-judge", "toy", "toy")
+    result = cli("sample", PROMPT, "-n", "1", "--backbone", out, "-o", tmp_path / "f")
+    assert result.code == 0, result.err
+    again = np.asarray(Image.open(next((tmp_path / "f").glob("000-*.png"))))
+    np.testing.assert_array_equal(again, expected)
+
 
 def test_toy_lora_and_delta_reproduce_the_erased_model(toy_artifact, tmp_path):
     erased = open_backbone("toy", device="cpu", dtype="float32")

@@ -12,7 +12,6 @@ from conceptctl.backbones import BackboneSpec
 from conceptctl.errors import PluginError, UnknownComponentError
 from conceptctl.hookspecs import hookimpl
 from conceptctl.plugins import (
-    get_plugin_manager,
     plugin_failures,
     plugin_infos,
     register_plugin,
@@ -76,6 +75,10 @@ def test_env_variable_limits_third_party_plugins(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCEPTCTL_PLUGINS", "good, other")
     reset_plugins()
     assert "fake-good" in get_registry("backbone")
+    # A name nothing provides (a typo, an uninstalled package) is reported, not ignored.
+    failures = {f.name: f.error for f in plugin_failures()}
+    assert "no installed package provides" in failures["other"]
+    assert "good" not in failures
 
 
 def test_plugin_that_fails_to_import_is_reported_and_others_work(tmp_path, monkeypatch, cli):
@@ -356,7 +359,6 @@ def test_misspelled_hook_is_an_error_in_process():
     with pytest.raises(PluginError, match="did you mean 'register_metrics'"):
         register_plugin(Typo(), "typo")
     assert "typo" not in {info.name for info in plugin_infos()}
-    assert get_plugin_manager().get_plugin("typo") is None
 
 
 def test_plugin_registered_twice_is_an_error_in_process():

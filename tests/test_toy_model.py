@@ -1,6 +1,7 @@
 """The shipped toy model and judge: default backbone, judge quality, CLI round trips, training."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,12 +26,10 @@ def test_toy_is_the_default_backbone_and_loads_through_the_registry():
     assert backbone.encode_prompts(["a red church"]).shape == (1, 32, 384)
 
 
-def test_listing_and_loading_agree_on_where_the_weights_are():
-    from conceptctl.default_plugins import toy as plugin
-    from conceptctl.toy import model
+def test_the_shipped_weights_are_where_the_backbone_looks():
+    from conceptctl.default_plugins.toy import TOY
 
-    assert model.MODEL_DIR.resolve() == plugin.MODEL_DIR
-    assert (model.MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (Path(TOY.source) / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_shipped_judge_is_accurate_on_fresh_renders(judge):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -30,6 +31,14 @@ def _umask() -> int:
     return mask
 
 
+def staging_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder in ``parent`` to assemble a result in before renaming it into place,
+    with the usual permissions (``mkdtemp`` makes it private, 0700, whatever the umask)."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    staging.chmod(0o777 & ~_umask())
+    return staging
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder next to ``target``; on success it becomes ``target``.
@@ -43,16 +52,35 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_free(target, overwrite, "folder")
     with output_lock(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        clear_leftovers(target)
+        staging = staging_dir(target.parent, f".{target.name}.tmp-")
         try:
-            # mkdtemp makes a private (0700) folder; the result should get the usual permissions.
-            staging.chmod(0o777 & ~_umask())
             yield staging
             check_output_free(target, overwrite, "folder")  # still true after the work?
             _replace_folder(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+
+def clear_leftovers(target: Path) -> None:
+    """Remove what a killed run (SIGKILL, power loss) left beside ``target``: its staging folders
+    and temporary files, named by conceptctl alone. Called with the output's lock held, so no
+    live process is using them. An old output moved aside for replacement goes back in place if
+    the new one never arrived."""
+    parent, name = target.parent, target.name
+    if not parent.is_dir():
+        return
+    for trash in sorted(parent.glob(f".{glob.escape(name)}.old-*")):
+        if trash.is_dir() and (trash / "old").exists() and not target.exists():
+            os.replace(trash / "old", target)
+        shutil.rmtree(trash, ignore_errors=True)
+    for staging in parent.glob(f".{glob.escape(name)}.tmp-*"):
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
+    for tmp in parent.glob(f".{glob.escape(name)}.*.tmp"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
 
 
 def _replace_folder(new: Path, target: Path) -> None:
@@ -113,9 +141,11 @@ def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
     :func:`atomic_directory` (only a file conceptctl wrote is replaced; the lock is held)."""
     target = Path(target)
     check_output_free(target, overwrite, "file")
-    with output_lock(target), staged_file(
-            target, before_replace=lambda: check_output_free(target, overwrite, "file")) as tmp:
-        yield tmp
+    with output_lock(target):
+        clear_leftovers(target)
+        with staged_file(target, before_replace=lambda: check_output_free(
+                target, overwrite, "file")) as tmp:
+            yield tmp
 
 
 def write_json(path: Path, data: Any) -> None:

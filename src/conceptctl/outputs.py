@@ -120,6 +120,11 @@ def check_output_free(target: Path, overwrite: bool, kind: str | None = None) ->
     target = Path(target)
     _refuse_working_dir(target)
     _refuse_if_locked(target)
+    if target.is_symlink():  # dangling or not: writing through a link lands somewhere else
+        raise OutputExistsError(f"{target} is a symbolic link (to {os.readlink(target)}); "
+                                "conceptctl writes outputs as new files and folders, never "
+                                "through a link", hint="give the path the link points to, or a "
+                                "new name")
     if not target.exists():
         return
     if kind == "folder" and not target.is_dir():

@@ -125,7 +125,11 @@ def _register(state: _State, plugin: object, info: PluginInfo) -> None:
 def _load_entry_points(state: _State) -> None:
     """Import and register each allowed entry point; one that fails is recorded and skipped."""
     allowed = _allowed_third_party()
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    for name in sorted((allowed or set()) - {ep.name for ep in points}):
+        _record(state, name, f"{ENV_PLUGINS} names it, but no installed package provides a "
+                             "conceptctl plugin of that name")
+    for ep in points:
         if allowed is not None and ep.name not in allowed:
             continue
         package = ep.dist.name if ep.dist else ep.value
@@ -166,11 +170,6 @@ def _get_state() -> _State:
     if _state is None:
         _state = _build_state()
     return _state
-
-
-def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager, built on first use."""
-    return _get_state().pm
 
 
 def plugin_infos() -> list[PluginInfo]:

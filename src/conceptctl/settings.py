@@ -77,7 +77,12 @@ class Settings:
         }
 
 
+DEVICE_RE = r"auto|cpu|mps|cuda(:\d+)?"
+
+
 def _check_value(key: str, value: str, where: str) -> str:
+    if key == "device" and not re.fullmatch(DEVICE_RE, value):
+        raise UsageError(f"{where}: unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps")
     allowed = SCALAR_KEYS[key][1]
     if allowed is not None and value not in allowed:
         raise UsageError(f"{where}: {key} must be one of {', '.join(allowed)}, not {value!r}")
@@ -183,7 +188,7 @@ def resolve_device(setting: str) -> str:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", setting):
+    if not re.fullmatch(DEVICE_RE, setting):
         raise UsageError(f"unknown device {setting!r}; use auto, cpu, cuda, cuda:N or mps")
     if setting.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {setting!r} was asked for but torch sees no CUDA GPU",

@@ -60,9 +60,14 @@ def _load_pipeline(spec: BackboneSpec, options: LoadOptions):
     is_local = Path(source).exists()
     try:
         return DiffusionPipeline.from_pretrained(source, dtype=dtype, **NO_SAFETY_CHECKER)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        # A local folder's broken or foreign configs (a '{}' model_index.json: KeyError) are the
+        # folder's problem, not a bug: say which folder and what diffusers found.
         if is_local:
-            raise BackboneError(f"cannot load the diffusers folder {source}: {err}") from err
+            raise BackboneError(
+                f"cannot load the diffusers folder {source}: {type(err).__name__}: {err}",
+                hint="check its model_index.json and the components' config.json files "
+                "(a pipeline folder as save_pretrained writes it)") from err
         raise BackboneError(
             f"backbone {spec.name!r} ({source}) is not in the local Hugging Face cache and the "
             "hub cannot be reached",

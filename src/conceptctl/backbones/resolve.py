@@ -8,10 +8,11 @@ refused unless the caller opts in, since unpickling runs arbitrary code.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
-from conceptctl.backbones.spec import BackboneSpec
+from conceptctl.backbones.spec import FOLDER_DEFAULTS, BackboneSpec
 from conceptctl.errors import BackboneError, UnknownComponentError, UnsafeFileError
 from conceptctl.registry import get_registry
 from conceptctl.settings import Settings, load_settings
@@ -33,7 +34,7 @@ def _from_path(path: Path, allow_pickle: bool) -> BackboneSpec:
                 f"{path} is not a diffusers pipeline folder (it has no model_index.json)",
                 hint="point --backbone at the folder that holds model_index.json, unet/, vae/ …",
             )
-        return BackboneSpec(name=str(path), source=str(path))
+        return BackboneSpec(name=str(path), source=str(path), **_exported_defaults(path))
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return BackboneSpec(name=str(path), source=str(path), format="single-file")
@@ -49,6 +50,19 @@ def _from_path(path: Path, allow_pickle: bool) -> BackboneSpec:
         f"{path} is neither a diffusers folder nor a .safetensors checkpoint",
         hint="give a folder with model_index.json, a .safetensors file, a hub id or a known name",
     )
+
+
+def _exported_defaults(folder: Path) -> dict:
+    """The base's defaults a ``conceptctl export --format diffusers`` folder recorded (none for
+    any other folder; an unreadable record only loses the defaults)."""
+    try:
+        record = json.loads((folder / "conceptctl.json").read_text(encoding="utf-8"))
+        defaults = record["backbone_defaults"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(defaults, dict):
+        return {}
+    return {key: defaults[key] for key in FOLDER_DEFAULTS if defaults.get(key) is not None}
 
 
 def _with_local_copy(spec: BackboneSpec, settings: Settings) -> BackboneSpec:

@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 SourceFormat = Literal["diffusers", "single-file"]
 
 
+# The spec fields an exported diffusers folder carries over from its base (its conceptctl.json
+# 'backbone_defaults'), so that `--backbone FOLDER` samples, erases and judges as the base does.
+FOLDER_DEFAULTS = ("family", "sample_steps", "sample_guidance", "anchor_selector", "detector",
+                   "eval_suite")
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """A text-to-image backbone that can be loaded by name.

@@ -7,6 +7,7 @@ commands import what they need when they run.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -161,12 +162,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         console.err.print("[red]aborted[/]")
         return 130
+    except OSError as err:
+        if debug:
+            raise
+        known = _file_system_error(err)
+        if known is None:
+            report_error(_unexpected(err))
+            return 1
+        report_error(known)
+        return known.exit_code
     except Exception as err:
         if debug:
             raise
-        report_error(ConceptctlError(
-            f"unexpected {type(err).__name__}: {err}",
-            hint=f"this is a bug in conceptctl or a plugin; rerun with {ENV_DEBUG}=1 for the "
-            "traceback and report it",
-        ))
+        report_error(_unexpected(err))
         return 1
+
+
+# What the file system refuses is the user's to fix, not a bug: a full disk, a read-only or
+# forbidden folder. errno -> (what happened, how to fix it).
+_FILE_SYSTEM = {
+    errno.ENOSPC: ("no space left on the device holding {path}",
+                   "free some space, or write elsewhere (--output; the cache: 'conceptctl config "
+                   "set cache-dir DIR')"),
+    errno.EDQUOT: ("disk quota exceeded writing {path}", "free some space, or write elsewhere"),
+    errno.EROFS: ("{path} is on a read-only file system", "write somewhere writable"),
+    errno.EACCES: ("permission denied: {path}",
+                   "choose a folder you may write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted: {path}",
+                  "choose a folder you may write to, or fix its permissions"),
+}
+
+
+def _file_system_error(err: OSError) -> ConceptctlError | None:
+    if err.errno not in _FILE_SYSTEM:
+        return None
+    message, hint = _FILE_SYSTEM[err.errno]
+    path = err.filename if err.filename is not None else "a file conceptctl was writing"
+    return ConceptctlError(message.format(path=path), hint=hint)
+
+
+def _unexpected(err: BaseException) -> ConceptctlError:
+    return ConceptctlError(
+        f"unexpected {type(err).__name__}: {err}",
+        hint=f"this is a bug in conceptctl or a plugin; rerun with {ENV_DEBUG}=1 for the "
+        "traceback and report it")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -134,7 +135,8 @@ def erase(
         f"{result.seconds['total']:.0f} s{processes}, peak memory "
         f"{result.peak_memory_mb:.0f} MB\n"
         f"artifact: {result.out_dir}\n"
-        f"try: conceptctl sample \"{cfg.concept}\" --model {result.out_dir} --compare")
+        f"try: conceptctl sample {shlex.quote(cfg.concept)} --model "
+        f"{shlex.quote(str(result.out_dir))} --compare")
 
 
 def _run(cfg, out, resume, overwrite, device, dtype):

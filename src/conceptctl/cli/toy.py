@@ -76,10 +76,7 @@ def judge(
 
     from conceptctl.toy.judge import JUDGE_FILE, Judge, load_images
 
-    try:
-        pixels = load_images(images)
-    except OSError as err:
-        raise UsageError(f"cannot read an image: {err}") from err
+    pixels = load_images(images)  # an unreadable file is a UsageError naming it
     verdicts = Judge.load(judge_file or JUDGE_FILE).judge(pixels)
     if json_output:
         for path, verdict in zip(images, verdicts, strict=True):

@@ -4,9 +4,7 @@ from pathlib import Path
 
 from conceptctl.backbones.spec import BackboneSpec
 from conceptctl.hookspecs import hookimpl
-
-# Kept in sync with conceptctl.toy.model by tests; repeated here so listing stays torch-free.
-MODEL_DIR = Path(__file__).resolve().parents[1] / "toy" / "weights" / "toy-model"
+from conceptctl.toy.paths import MODEL_DIR
 
 
 def load_toy(spec, options):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from conceptctl.fileio import staged_file
@@ -41,6 +43,10 @@ def cache_key(digest: str, settings: SampleSettings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+class AnchorCacheWarning(UserWarning):
+    """The anchor cache could not be read or written; the run went on without it."""
+
+
 def anchor_latents(
     backbone,
     settings: SampleSettings,
@@ -64,9 +70,9 @@ def anchor_latents(
         key = cache_key(digest or backbone_digest(backbone), settings)
         path = cache_dir / "anchors" / f"{key}.safetensors"
     path = dist.broadcast_object(path)
-    cached = dist.broadcast_object(dist.is_main and path.is_file())
+    latents = _read_cache(path, settings) if dist.is_main and path.is_file() else None
+    cached = dist.broadcast_object(latents is not None)
     if cached:
-        latents = load_file(path)["latents"] if dist.is_main else None
         if dist.world > 1:
             shape = dist.broadcast_object(None if latents is None else tuple(latents.shape))
             latents = latents if latents is not None else torch.empty(shape)
@@ -81,8 +87,28 @@ def anchor_latents(
         mine = torch.empty((0, backbone.latent_channels, side, side))
     latents = dist.gather(mine.float(), dist.shares(total)).cpu().contiguous()
     if dist.is_main:
-        _write(path, latents, settings)
+        try:
+            _write(path, latents, settings)
+        except OSError as err:  # a full or read-only cache disk: the run itself can go on
+            warnings.warn(f"could not cache the anchor images in {path} ({err.strerror}); "
+                          "the run goes on without the cache", AnchorCacheWarning, stacklevel=2)
     return latents, False, path
+
+
+def _read_cache(path: Path, settings: SampleSettings) -> torch.Tensor | None:
+    """The cached latents, or None (with a warning) if the file is damaged: drawn again then."""
+    expected = len(settings.prompts) * settings.images_per_prompt
+    try:
+        latents = load_file(path)["latents"]
+    except (SafetensorError, OSError, KeyError) as err:
+        problem = f"unreadable ({err})"
+    else:
+        if latents.dim() == 4 and len(latents) == expected and torch.isfinite(latents).all():
+            return latents
+        problem = f"holds {tuple(latents.shape)} latents, not {expected} finite ones"
+    warnings.warn(f"the anchor cache file {path} is {problem}; drawing the images again",
+                  AnchorCacheWarning, stacklevel=3)
+    return None
 
 
 def _write(path: Path, latents: torch.Tensor, settings: SampleSettings) -> None:

@@ -59,7 +59,8 @@ def derive_target(anchor_prompt: str, concept: str, anchor: str, kind: ConceptTy
             hint="every anchor prompt of an object or nudity erasure must name the anchor, "
             "so the target prompt can name the concept in its place",
         )
-    return _article_fix(pattern.sub(concept, anchor_prompt))
+    # A function, not a template: backslashes in the user's concept stay literal text.
+    return _article_fix(pattern.sub(lambda _: concept, anchor_prompt))
 
 
 # Offline templates. The reference draws ~1000 anchor images from ~200 captions (LAION captions
@@ -154,7 +155,13 @@ def file_anchor_set(path: Path, concept: str, anchor: str, kind: ConceptType) ->
     """``prompt-file`` selector: one anchor prompt per line (``#`` comments, blanks skipped)."""
     if not path.is_file():
         raise UsageError(f"anchor prompt file not found: {path}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:  # utf-8-sig: a byte-order mark is not part of the first prompt
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text", hint="save the file as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read anchor prompt file {path}: {exc.strerror}") from None
+    lines = [line.strip() for line in text.splitlines()]
     anchors = tuple(line for line in lines if line and not line.startswith("#"))
     if not anchors:
         raise UsageError(f"{path} holds no anchor prompts (one per line)")

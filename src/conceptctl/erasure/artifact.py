@@ -21,6 +21,7 @@ it copies values.
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +93,63 @@ def read_artifact(path: Path) -> Artifact:
         raise ConceptctlError(f"{path} is not a conceptctl artifact (no {MANIFEST})",
                               hint="give the folder 'conceptctl erase' wrote, or a delta "
                               ".safetensors file from 'conceptctl export --format delta'")
-    manifest = json.loads(manifest_file.read_text())
+    manifest = _read_manifest(manifest_file)
     _check_format_version(path, manifest)
-    return Artifact(path, manifest, _finite(path / WEIGHTS, load_file(str(path / WEIGHTS))))
+    _check_fields(manifest_file, manifest)
+    return Artifact(path, manifest, _finite(path / WEIGHTS, _load_weights(path / WEIGHTS)))
+
+
+_REBUILD_HINT = "this artifact is damaged: erase again, or restore the folder from a copy"
+
+# The manifest fields every reader relies on, with their JSON types (format version 1).
+_FIELDS = {"concept": str, "anchor": str, "concept_type": str, "method": str, "base": dict}
+
+
+def _read_manifest(file: Path) -> dict:
+    """The artifact's record, or one clear error naming the file and what is wrong."""
+    try:
+        # utf-8-sig: an editor's byte-order mark does not make the record unreadable.
+        record = json.loads(file.read_bytes().decode("utf-8-sig"))
+    except OSError as err:
+        raise ConceptctlError(f"cannot read {file}: {err.strerror}") from None
+    except (UnicodeDecodeError, ValueError) as err:  # ValueError: bad JSON, 5000-digit numbers
+        raise ConceptctlError(f"{file} is not valid JSON ({err})", hint=_REBUILD_HINT) from None
+    if not isinstance(record, dict):
+        raise ConceptctlError(f"{file} holds a JSON {type(record).__name__}, not an object",
+                              hint=_REBUILD_HINT)
+    return record
+
+
+def _check_fields(file: Path, record: dict) -> None:
+    for name, kind in _FIELDS.items():
+        if name not in record:
+            raise ConceptctlError(f"{file} has no {name!r} field", hint=_REBUILD_HINT)
+        if not isinstance(record[name], kind):
+            expected = {str: "a string", dict: "an object"}[kind]
+            raise ConceptctlError(f"{file}: {name!r} must be {expected}, not "
+                                  f"{type(record[name]).__name__}", hint=_REBUILD_HINT)
+    tensors = record["base"].get("tensors")
+    if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
+        raise ConceptctlError(f"{file}: 'base.tensors' must be a list of tensor names",
+                              hint=_REBUILD_HINT)
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    """The weights file's tensors; a missing, special (FIFO, device) or broken file is one
+    clear error, never a hang or a crash."""
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise ConceptctlError(f"{file} is missing", hint=_REBUILD_HINT) from None
+    except OSError as err:
+        raise ConceptctlError(f"cannot read {file}: {err.strerror}") from None
+    if not stat.S_ISREG(mode):  # opening a FIFO would wait forever for a writer
+        raise ConceptctlError(f"{file} is not a regular file", hint=_REBUILD_HINT)
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ConceptctlError(f"cannot read {file} as safetensors: {err}",
+                              hint=_REBUILD_HINT) from None
 
 
 # A NaN or infinite weight makes every picture NaN (black): training diverged, or the file broke.
@@ -126,7 +181,10 @@ def _read_delta(path: Path) -> Artifact:
             raw = (f.metadata() or {}).get(HEADER_KEY)
     except (SafetensorError, OSError) as err:
         raise ConceptctlError(f"cannot read {path} as safetensors: {err}", hint=not_delta) from err
-    record = json.loads(raw) if raw else None
+    try:
+        record = json.loads(raw) if raw else None
+    except ValueError:
+        record = None
     if not isinstance(record, dict):
         raise ConceptctlError(f"{path} is not a conceptctl delta (its header has no "
                               f"{HEADER_KEY!r} record)", hint=not_delta)

@@ -15,13 +15,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from conceptctl.erasure.finite import NonFiniteWeightsError, first_non_finite
+from conceptctl.fileio import staging_dir
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 RUN_FILE = "config.json"  # the run's settings, beside state.json
@@ -75,7 +75,7 @@ def save_checkpoint(
                                    for k, v in module.state_dict().items()}
     _refuse_non_finite(files, f"refusing to write checkpoint-{step}")
     final = out_dir / f"checkpoint-{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}-", dir=out_dir))
+    staging = staging_dir(out_dir, f".checkpoint-{step}-")
     try:
         for file, tensors in files.items():
             save_file(tensors, str(staging / f"{file}.safetensors"))

@@ -73,7 +73,7 @@ def check_config(cfg: EraseConfig) -> None:
     if not cfg.anchor.strip():
         raise UsageError("the anchor concept is empty", hint="--anchor names what the concept "
                          "should become, e.g. --anchor painting")
-    if cfg.concept.strip().lower() == cfg.anchor.strip().lower():
+    if " ".join(cfg.concept.lower().split()) == " ".join(cfg.anchor.lower().split()):
         raise UsageError(f"the anchor equals the concept ({cfg.concept!r})",
                          hint="choose an anchor the concept should turn into, e.g. church -> "
                          "house")
@@ -280,10 +280,10 @@ def erase(
 def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dist, device, report,
                 started: float) -> EraseResult:
     """The run itself, writing checkpoints and the artifact into ``out_dir`` (the output, or the
-    staging folder that replaces an earlier output once complete)."""
+    staging folder that replaces an earlier output once complete), in named phases."""
     from conceptctl.backbones.loading import open_backbone
-    from conceptctl.erasure.anchor_data import anchor_latents, backbone_digest, cache_key
-    from conceptctl.sampling import SampleSettings, library_versions
+    from conceptctl.erasure.anchor_data import backbone_digest, cache_key
+    from conceptctl.sampling import library_versions
 
     # A resumed run must be the checkpoint's own run (conceptctl.erasure.resume): the settings
     # are compared before anything loads, the rest before the anchor images are drawn.
@@ -296,38 +296,13 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     dtype = dtype or (settings.dtype if settings.dtype != "auto" else "float32")
     backbone = open_backbone(cfg.backbone, device=device, dtype=dtype)
     apply_speed_settings(cfg, backbone.device)
-    selector_name = cfg.anchor_selector or backbone.spec.anchor_selector or "templates"
-    selector = get_registry("anchor-selector").entry(selector_name)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        anchors = selector.value.build(config=cfg, backbone=backbone.spec)
-    notes = [str(w.message) for w in caught]
-    for note in notes:
-        report.message(f"warning: {note}")
-
-    # Anchor images from the ORIGINAL model, reused across runs with the same settings. As the
-    # reference: DPM-Solver whatever the backbone's own sampler, and every image from its own
-    # noise (prompt p's image k is seeded seed + p x images per prompt + k). Drawn in batches of
-    # 32: measured fastest per image (docs/performance.md), same images as one by one since
-    # each image's noise has its own seed.
-    anchor_settings = SampleSettings(
-        prompts=anchors.anchor, images_per_prompt=cfg.anchor_images_per_prompt, seed=cfg.seed,
-        steps=cfg.anchor_steps, guidance=cfg.anchor_guidance, batch_size=32,
-        sampler="dpm-solver", prompt_seeds=tuple(
-            cfg.seed + p * cfg.anchor_images_per_prompt for p in range(len(anchors.anchor))),
-    ).for_backbone(backbone)
+    notes: list[str] = []
+    selector, anchors = _anchor_prompts(cfg, backbone, report, notes)
+    anchor_settings = _anchor_sampling(cfg, anchors, backbone)
     # A method that makes its own training latents (esd-x) needs no anchor images.
     uses_images = getattr(get_registry("method").get(cfg.method), "uses_anchor_images", True)
     count = len(anchors.anchor) * cfg.anchor_images_per_prompt if uses_images else 0
     _check_anchor_count(count, backbone)
-    share = dist.shard(count)
-    total = (share.stop - share.start) * anchor_settings.steps
-    done = 0
-
-    def advance(n: int) -> None:
-        nonlocal done
-        done += n
-        report.anchor_progress(done, total)
 
     # The trained tensors' base values (for the manifest), and the anchor cache file's name.
     base = base_record(select_parameters(backbone.unet, cfg.params))
@@ -338,38 +313,115 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     check_resume(resume_from, record, dist)
 
     t0 = time.time()
-    data, cached, cache_file = None, False, None
-    if uses_images:
-        # Mixed precision speeds up drawing the anchors as much as training.
-        with Precision(cfg.mixed_precision, backbone.device.type).autocast():
-            latents, cached, cache_file = anchor_latents(
-                backbone, anchor_settings, settings.cache_dir, digest=digest, on_step=advance,
-                dist=dist)
-        report.message(("reused" if cached else "generated") +
-                       f" {len(latents)} anchor images ({cache_file.name})")
-        # Fixed prompts are encoded once; training never runs the text encoder.
-        data = TrainingData(
-            latents=latents,
-            prompt_index=torch.arange(len(anchors.anchor)).repeat_interleave(
-                cfg.anchor_images_per_prompt),
-            anchor_text=backbone.encode_prompts(list(anchors.anchor)).cpu(),
-            target_text=backbone.encode_prompts(list(anchors.target)).cpu(),
-            empty_text=backbone.encode_prompts([""]).cpu(),
-        )
+    data, cached, cache_file = (_anchor_data(cfg, backbone, anchors, anchor_settings, count,
+                                             settings.cache_dir, digest, dist, report, notes)
+                                if uses_images else (None, False, None))
     anchor_seconds = time.time() - t0
 
     training = prepare_training(backbone, cfg, dist=dist)
-    params, state, precision = training.params, training.state, training.precision
+    _resume(training, resume_from, resume, dist, report)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    _train(out_dir, cfg, backbone, data, training, record, dist, report)
+    train_seconds = time.time() - t0
 
+    seconds = {"anchors": round(anchor_seconds, 2), "training": round(train_seconds, 2),
+               "total": round(time.time() - started, 2)}
+    peak = dist.max(_peak_memory_mb(backbone.device))  # the largest process's
+    state, params = training.state, training.params
+    if dist.is_main:
+        manifest = _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
+                             selector, seconds, peak, state.history, library_versions())
+        manifest["training"]["precision"] = training.precision.state_dict()
+        manifest["machine"]["processes"] = dist.world
+        write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
+                       _model_card(manifest))
+    dist.barrier()  # no process ends before the artifact is written
+    return EraseResult(out_dir, state.step, seconds, peak, cached, notes, dist.world,
+                       dist.is_main)
+
+
+def _anchor_prompts(cfg: EraseConfig, backbone, report, notes: list[str]):
+    """Phase 1: the anchor and target prompts, from the chosen (or the backbone's) selector."""
+    selector_name = cfg.anchor_selector or backbone.spec.anchor_selector or "templates"
+    selector = get_registry("anchor-selector").entry(selector_name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        anchors = selector.value.build(config=cfg, backbone=backbone.spec)
+    for note in [str(w.message) for w in caught]:
+        notes.append(note)
+        report.message(f"warning: {note}")
+    return selector, anchors
+
+
+def _anchor_sampling(cfg: EraseConfig, anchors, backbone):
+    """How the anchor images are drawn from the ORIGINAL model. As the reference: DPM-Solver
+    whatever the backbone's own sampler, and every image from its own noise (prompt p's image k
+    is seeded seed + p x images per prompt + k). Batches of 32: measured fastest per image
+    (docs/performance.md), the same images as one by one since each has its own seed."""
+    from conceptctl.sampling import SampleSettings
+
+    return SampleSettings(
+        prompts=anchors.anchor, images_per_prompt=cfg.anchor_images_per_prompt, seed=cfg.seed,
+        steps=cfg.anchor_steps, guidance=cfg.anchor_guidance, batch_size=32,
+        sampler="dpm-solver", prompt_seeds=tuple(
+            cfg.seed + p * cfg.anchor_images_per_prompt for p in range(len(anchors.anchor))),
+    ).for_backbone(backbone)
+
+
+def _anchor_data(cfg: EraseConfig, backbone, anchors, anchor_settings, count: int, cache_dir,
+                 digest, dist, report, notes: list[str]):
+    """Phase 2: the anchor latents (drawn, or reused from the cache) with every prompt encoded
+    once (training never runs the text encoder); (data, came from the cache, cache file)."""
+    from conceptctl.erasure.anchor_data import AnchorCacheWarning, anchor_latents
+
+    share = dist.shard(count)
+    total, done = (share.stop - share.start) * anchor_settings.steps, 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        report.anchor_progress(done, total)
+
+    # Mixed precision speeds up drawing the anchors as much as training.
+    with Precision(cfg.mixed_precision, backbone.device.type).autocast(), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AnchorCacheWarning)
+        latents, cached, cache_file = anchor_latents(
+            backbone, anchor_settings, cache_dir, digest=digest, on_step=advance, dist=dist)
+    for note in [str(w.message) for w in caught  # a damaged or unwritable cache
+                 if issubclass(w.category, AnchorCacheWarning)]:
+        notes.append(note)
+        report.message(f"warning: {note}")
+    report.message(("reused" if cached else "generated") +
+                   f" {len(latents)} anchor images ({cache_file.name})")
+    data = TrainingData(
+        latents=latents,
+        prompt_index=torch.arange(len(anchors.anchor)).repeat_interleave(
+            cfg.anchor_images_per_prompt),
+        anchor_text=backbone.encode_prompts(list(anchors.anchor)).cpu(),
+        target_text=backbone.encode_prompts(list(anchors.target)).cpu(),
+        empty_text=backbone.encode_prompts([""]).cpu(),
+    )
+    return data, cached, cache_file
+
+
+def _resume(training: Training, resume_from, resume, dist, report) -> None:
+    """Phase 3: continue from the checkpoint (read by the main process); every process then
+    starts from the main one's state."""
     if resume_from is not None:
         on_main(dist, lambda: _restore(resume_from, training))  # the others: _sync_from_main
         report.message(f"resumed from {resume_from.name}")
     elif resume is not None:
         report.message("no checkpoint to resume from; starting at step 0")
-    # Every process starts from the main one's state (a resumed checkpoint is read by it only).
     _sync_from_main(dist, training)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _train(out_dir: Path, cfg: EraseConfig, backbone, data, training: Training, record: dict,
+           dist, report) -> None:
+    """Phase 4: the training loop, checkpointing into ``out_dir`` from the main process."""
+    params, state, precision = training.params, training.state, training.precision
 
     def checkpoint(step: int) -> None:
         save_checkpoint(out_dir, step, trainable=params, optimizers=training.optimizers,
@@ -377,7 +429,6 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
                         history=state.history, keep=cfg.checkpoints_total_limit,
                         extra={"precision": precision.state_dict()}, run=record)
 
-    t0 = time.time()
     unet = backbone.unet
     unet.train()
     run_loop(training.method, training.optimizer, params, data, state, steps=cfg.steps,
@@ -388,21 +439,6 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
              checkpoint_every=cfg.checkpointing_steps, precision=precision,
              num_timesteps=backbone.num_train_timesteps, dist=dist, modules=training.modules)
     unet.eval()
-    train_seconds = time.time() - t0
-
-    seconds = {"anchors": round(anchor_seconds, 2), "training": round(train_seconds, 2),
-               "total": round(time.time() - started, 2)}
-    peak = dist.max(_peak_memory_mb(backbone.device))  # the largest process's
-    if dist.is_main:
-        manifest = _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
-                             selector, seconds, peak, state.history, library_versions())
-        manifest["training"]["precision"] = precision.state_dict()
-        manifest["machine"]["processes"] = dist.world
-        write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
-                       _model_card(manifest))
-    dist.barrier()  # no process ends before the artifact is written
-    return EraseResult(out_dir, state.step, seconds, peak, cached, notes, dist.world,
-                       dist.is_main)
 
 
 def _check_anchor_count(count: int, backbone) -> None:

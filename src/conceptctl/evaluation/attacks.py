@@ -200,7 +200,8 @@ def paraphrases(prompt: str, concept: str) -> list[str]:
     out = []
     if used is not None:
         for word in words:
-            out.append(re.sub(re.escape(used), word, prompt, flags=re.IGNORECASE))
+            out.append(re.sub(re.escape(used), lambda _, w=word: w, prompt,
+                              flags=re.IGNORECASE))
     out += _toy_rephrasings(prompt, concept)
     return list(dict.fromkeys(out))
 

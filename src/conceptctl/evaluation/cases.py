@@ -22,6 +22,7 @@ from conceptctl.errors import UsageError
 
 GROUPS = ("target", "target-oos", "anchor", "hard-negative", "general")
 TARGET_GROUPS = ("target", "target-oos")
+PASS_THRESHOLD = 0.9  # the verdict's bar for erasure success and preservation
 REQUIRED_COLUMNS = ("prompt", "evaluation_seed", "case_number")
 
 
@@ -67,6 +68,10 @@ def read_prompt_csv(path: Path, images_per_prompt: int) -> Suite:
         raise UsageError(f"{path} is not UTF-8 text", hint="save the CSV as UTF-8") from None
     reader = csv.DictReader(text.splitlines())
     header = reader.fieldnames or []
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:  # csv.DictReader would silently keep the last one
+        raise UsageError(f"{path}:1: column(s) {', '.join(twice)} appear more than once",
+                         hint="keep one column of each name")
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise UsageError(f"{path}:1: missing column(s) {', '.join(missing)}",

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from conceptctl.evaluation.cases import TARGET_GROUPS
+
 
 @dataclass
 class Score:
@@ -59,7 +61,7 @@ def _mean(values: list) -> float | None:
 def _target_groups(run, metric: str, scores: list[Score]):
     """(group, picture indices) of the target groups that have pictures; without a detector a
     skip row is recorded instead."""
-    for group in ("target", "target-oos"):
+    for group in TARGET_GROUPS:
         idx = run.indices(group)
         if not idx:
             continue

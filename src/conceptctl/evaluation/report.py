@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from conceptctl.evaluation.cases import PASS_THRESHOLD
 from conceptctl.fileio import atomic_directory, write_json
 
 GRID_ROWS = 12  # cases shown per group in the HTML page (all are saved as files)
@@ -100,11 +101,11 @@ def _chart(metrics: list[dict]) -> str:
     bar_h, label_w, width = 22, 260, 360
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + width + 60}" '
              f'height="{bar_h * len(rows) + 24}" role="img" aria-label="metrics chart">']
-    x90 = label_w + 0.9 * width
+    x90 = label_w + PASS_THRESHOLD * width
     for n, m in enumerate(rows):
         y = n * bar_h + 4
         value = max(0.0, min(1.0, m["value"]))
-        ok = value >= 0.9
+        ok = value >= PASS_THRESHOLD
         parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" '
                      f'font-size="12">{html.escape(m["metric"])} · '
                      f'{html.escape(m["group"])}</text>')
@@ -147,8 +148,8 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
     for m in result["metrics"]:
         unit = m.get("unit", "share")
         details = ", ".join(f"{k} {_fmt(v, unit) if isinstance(v, float) else v}"
-                            for k, v in m["details"].items()) or html.escape(m["note"])
-        out.append(f"<tr><td>{m['metric']}</td><td>{html.escape(m['group'])}</td>"
+                            for k, v in m["details"].items()) or m["note"]  # escaped below, once
+        out.append(f"<tr><td>{html.escape(m['metric'])}</td><td>{html.escape(m['group'])}</td>"
                    f"<td>{_fmt(m['value'], unit)}</td><td>{m['direction']}</td>"
                    f"<td>{m['images']}</td><td>{html.escape(details)}</td></tr>")
     out.append("</table><h2>Robustness</h2><table><tr><th>attack</th><th>target prompts</th>"
@@ -167,8 +168,8 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
             continue
         grid, prompts = made
         shown = min(len(prompts), GRID_ROWS)
-        out.append(f"<figure><h3>{html.escape(group)}</h3><img class='grid' alt='{group} grid' "
-                   f"width='{_shown_width(grid)}' "
+        out.append(f"<figure><h3>{html.escape(group)}</h3><img class='grid' "
+                   f"alt='{html.escape(group)} grid' width='{_shown_width(grid)}' "
                    f"src='{_png_data(grid)}'><figcaption>rows: "
                    + "; ".join(html.escape(p) for p in prompts[:shown]) + "</figcaption></figure>")
     for summary, attempts in zip(result["attacks"], attempts_per_attack, strict=True):

@@ -18,7 +18,7 @@ import torch
 
 from conceptctl.erasure.distributed import SingleProcess
 from conceptctl.errors import UsageError
-from conceptctl.evaluation.cases import Case, Suite, read_prompt_csv
+from conceptctl.evaluation.cases import PASS_THRESHOLD, Case, Suite, read_prompt_csv
 from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
 from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases
 from conceptctl.fingerprint import file_sha256
@@ -26,7 +26,6 @@ from conceptctl.registry import get_registry
 from conceptctl.sampling import SampleSettings
 
 DEFAULT_ATTACKS = ("embedding", "paraphrase")
-PASS_THRESHOLD = 0.9  # the verdict's bar for erasure success and preservation
 
 
 @dataclass
@@ -144,7 +143,6 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     from conceptctl.backbones.loading import open_backbone
     from conceptctl.erasure import distributed
     from conceptctl.erasure.artifact import apply_artifact, read_artifact
-    from conceptctl.sampling import library_versions
     from conceptctl.settings import load_settings, resolve_device
 
     started = time.time()
@@ -172,31 +170,10 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
                               guidance=opts.guidance).for_backbone(erased_model)
     draw = DrawSettings(opts.images_per_prompt, defaults.steps, defaults.guidance,
                         opts.batch_size)
-    # This process's share of the pictures (all of them in a one-process run).
-    total = dist.shares(len(suite.cases) * draw.images_per_prompt)[dist.rank] * draw.steps
-
-    def progress(stage):
-        done = 0
-
-        def step(n):
-            nonlocal done
-            done += n
-            report.progress(stage, done, total)
-        return step
-
-    key = _original_key(manifest, backbone_name, suite, draw)
-    cached = originals.get(key) if originals is not None else None
     t0 = time.time()
-    if cached is None:
-        original_model = open_backbone(backbone_name, device=device, dtype=opts.dtype)
-        original = draw_cases(original_model, suite.cases, draw, progress("original model"),
-                              dist=dist)
-        if originals is not None:
-            originals.put(key, original_model, original)
-    else:
-        original_model, original = cached
-        report.message("reused the original model's pictures")
-    erased = draw_cases(erased_model, suite.cases, draw, progress("erased model"), dist=dist)
+    original_model, original, erased = _draw_pictures(
+        suite, draw, erased_model, backbone_name, opts, device, dist, report,
+        _original_key(manifest, backbone_name, suite, draw), originals)
     draw_seconds = time.time() - t0
 
     labels = (None, None) if detector is None else (detector.judge(original.images),
@@ -213,7 +190,53 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     attacks = [_attack(run, name, opts, report) for name in opts.attacks]
     attack_seconds = time.time() - t0
 
-    result = {
+    result = _record(artifact_dir, run, backbone_name, notes, scores, attacks, opts)
+    result["seconds"] = {"drawing": round(draw_seconds, 1), "attacks": round(attack_seconds, 1),
+                         "total": round(time.time() - started, 1)}
+    result["_attack_images"] = [a["attempts"] for a in attacks]  # for the report writer
+    return result, run
+
+
+def _draw_pictures(suite: Suite, draw: DrawSettings, erased_model, backbone_name: str,
+                   opts: EvalOptions, device, dist, report, key, originals):
+    """The original model's pictures (drawn, or reused from ``originals``) and the erased
+    model's, from the same seeds; (original model, original pictures, erased pictures)."""
+    from conceptctl.backbones.loading import open_backbone
+
+    # This process's share of the pictures (all of them in a one-process run).
+    total = dist.shares(len(suite.cases) * draw.images_per_prompt)[dist.rank] * draw.steps
+
+    def progress(stage):
+        done = 0
+
+        def step(n):
+            nonlocal done
+            done += n
+            report.progress(stage, done, total)
+        return step
+
+    cached = originals.get(key) if originals is not None else None
+    if cached is None:
+        original_model = open_backbone(backbone_name, device=device, dtype=opts.dtype)
+        original = draw_cases(original_model, suite.cases, draw, progress("original model"),
+                              dist=dist)
+        if originals is not None:
+            originals.put(key, original_model, original)
+    else:
+        original_model, original = cached
+        report.message("reused the original model's pictures")
+    erased = draw_cases(erased_model, suite.cases, draw, progress("erased model"), dist=dist)
+    return original_model, original, erased
+
+
+def _record(artifact_dir: Path, run: EvalRun, backbone_name: str, notes: list[str], scores,
+            attacks: list[dict], opts: EvalOptions) -> dict:
+    """The report's record: what was measured, on what, and how to reproduce it."""
+    from conceptctl.sampling import library_versions
+
+    manifest, suite, draw, detector, dist = (run.manifest, run.suite, run.draw, run.detector,
+                                             run.dist)
+    return {
         "format_version": 1,
         "artifact": {"path": str(Path(artifact_dir).resolve()), "concept": run.concept,
                      "anchor": run.anchor, "concept_type": run.concept_type,
@@ -231,14 +254,10 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
         "metrics": [s.as_dict() for s in scores],
         "attacks": [a["summary"] for a in attacks],
         "verdict": verdict(scores, [a["summary"] for a in attacks], detector is not None),
-        "seconds": {"drawing": round(draw_seconds, 1), "attacks": round(attack_seconds, 1),
-                    "total": round(time.time() - started, 1)},
         "versions": library_versions(),
         "options": {k: (str(v) if isinstance(v, Path) else v)
                     for k, v in vars(opts).items()},
     }
-    result["_attack_images"] = [a["attempts"] for a in attacks]  # for the report writer
-    return result, run
 
 
 def _suite(opts: EvalOptions, spec, manifest: dict) -> Suite:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from conceptctl.backbones.spec import FOLDER_DEFAULTS
 from conceptctl.export.metadata import model_card, stamp_safetensors
 from conceptctl.fileio import make_shareable, write_json
 
@@ -50,7 +51,12 @@ def export_diffusers(job, out: Path) -> dict[str, Any]:
     for path in weights:
         stamp_safetensors(path, job.metadata)
     (out / "README.md").write_text(model_card(job.info, how_to_load(job)), encoding="utf-8")
-    write_json(out / "conceptctl.json", {**job.artifact.manifest, "export": job.info["export"]})
+    spec = job.backbone.spec
+    write_json(out / "conceptctl.json", {
+        **job.artifact.manifest, "export": job.info["export"],
+        # What `--backbone THIS_FOLDER` should keep of the base (sampling steps and guidance,
+        # presets, anchor selector, judge): conceptctl.backbones.resolve reads it back.
+        "backbone_defaults": {key: getattr(spec, key) for key in FOLDER_DEFAULTS}})
     for path in out.rglob("*"):
         if path.is_file():
             make_shareable(path)

@@ -12,27 +12,18 @@ import random
 import warnings
 
 from conceptctl.erasure.anchors import AnchorSet, template_anchor_set
-from conceptctl.toy.world import COLORS, OBJECTS, STYLES, Concept, caption, normalise
+from conceptctl.toy.world import COLORS, OBJECTS, STYLES, Concept, axis_of, caption
 
 
 class UnknownToyConceptWarning(UserWarning):
     """The concept or anchor is not part of the toy world; generic templates are used."""
 
 
-def _axis_of(word: str) -> tuple[str, str] | None:
-    for axis in ("object", "style"):
-        try:
-            return axis, normalise(axis, word)
-        except ValueError:
-            continue
-    return None
-
-
 def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
                    seed: int = 0, fallback: dict | None = None) -> AnchorSet:
     """Paired toy captions; ``per_pair`` captions for each (object or style, colour) pair.
     For a concept the toy never learned: the built-in templates (``fallback``: their options)."""
-    found_concept, found_anchor = _axis_of(concept), _axis_of(anchor)
+    found_concept, found_anchor = axis_of(concept), axis_of(anchor)
     if found_concept is None or found_anchor is None or found_concept[0] != found_anchor[0]:
         missing = concept if found_concept is None else anchor
         warnings.warn(UnknownToyConceptWarning(

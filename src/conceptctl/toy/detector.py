@@ -8,16 +8,11 @@ import numpy as np
 
 from conceptctl.errors import UsageError
 from conceptctl.toy.judge import JUDGE_FILE, Judge
-from conceptctl.toy.world import AXES, normalise
+from conceptctl.toy.world import AXES, axis_of, normalise
 
 
 def _axis_value(concept: str) -> tuple[str, str] | None:
-    for axis in AXES:
-        try:
-            return axis, normalise(axis, concept)
-        except ValueError:
-            continue
-    return None
+    return axis_of(concept, tuple(AXES))
 
 
 class ToyJudgeDetector:

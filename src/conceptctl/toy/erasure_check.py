@@ -16,15 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from conceptctl.errors import UsageError
 from conceptctl.toy.judge import Judge
 from conceptctl.toy.world import (
     AXES,
     COLOR_WORDS,
     OBJECT_WORDS,
+    OBJECTS,
     STYLE_WORDS,
+    STYLES,
     Concept,
     all_concepts,
-    normalise,
+    axis_of,
 )
 
 CHECK_SEED = 20_000
@@ -40,12 +43,13 @@ class PromptGroup:
 
 
 def _axis_value(word: str) -> tuple[str, str]:
-    for axis in ("style", "object"):
-        try:
-            return axis, normalise(axis, word)
-        except ValueError:
-            continue
-    raise ValueError(f"{word!r} is not a toy style or object")
+    found = axis_of(word, ("style", "object"))
+    if found is None:
+        raise UsageError(f"{word!r} is not a style or object of the toy world, so the toy suite "
+                         "cannot judge it", hint=f"the toy knows the styles {', '.join(STYLES)} "
+                         f"and the objects {', '.join(OBJECTS)}; for another concept evaluate "
+                         "with --prompts FILE.csv and a detector that knows it")
+    return found
 
 
 def _group(name: str, axis: str, value: str, held_out: bool) -> PromptGroup:
@@ -85,7 +89,8 @@ def prompt_groups(concept: str, anchor: str) -> list[PromptGroup]:
     axis, target = _axis_value(concept)
     anchor_axis, anchor_value = _axis_value(anchor)
     if anchor_axis != axis:
-        raise ValueError(f"{concept!r} is a toy {axis} but {anchor!r} is a toy {anchor_axis}")
+        raise UsageError(f"{concept!r} is a toy {axis} but {anchor!r} is a toy {anchor_axis}",
+                         hint="erase a style into a style, or an object into an object")
     groups = [
         _group("target", axis, target, held_out=False),
         _group("target_heldout", axis, target, held_out=True),

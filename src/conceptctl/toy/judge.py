@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from conceptctl.errors import UsageError
 from conceptctl.toy.world import AXES
 
 JUDGE_FILE = Path(__file__).parent / "weights" / "judge.safetensors"
@@ -123,6 +124,14 @@ class Judge:
         return verdicts
 
 
+def _open_image(path: Path):
+    from PIL import Image
+
+    img = Image.open(path)
+    img.load()  # decode now, inside the caller's error handling
+    return img
+
+
 def load_images(paths: list[Path]) -> np.ndarray:
     """Read image files as the judge's input: RGB, resized to 64x64 if needed."""
     from PIL import Image
@@ -131,7 +140,13 @@ def load_images(paths: list[Path]) -> np.ndarray:
 
     arrays = []
     for path in paths:
-        with Image.open(path) as img:
+        try:
+            img = _open_image(path)
+        except (OSError, Image.DecompressionBombError) as err:  # not an image, or a bomb
+            raise UsageError(f"cannot read {path} as an image: {err}",
+                             hint="give PNG or JPEG files (the toy judges 64x64 pictures)"
+                             ) from None
+        with img:
             img = img.convert("RGB")
             if img.size != (SIZE, SIZE):
                 img = img.resize((SIZE, SIZE), Image.Resampling.BICUBIC)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-MODEL_DIR = WEIGHTS_DIR / "toy-model"
+from conceptctl.toy.paths import MODEL_DIR
+
 TOKEN_LENGTH = 32  # longest toy caption is ~20 word pieces; users get room for more
 
 UNET_CONFIG = dict(

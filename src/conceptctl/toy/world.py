@@ -100,6 +100,17 @@ def normalise(axis: str, word: str) -> str:
     raise ValueError(f"unknown {axis} {word!r}; known: {', '.join(AXES[axis])}")
 
 
+def axis_of(word: str, axes: tuple[str, ...] = ("object", "style")) -> tuple[str, str] | None:
+    """(axis, canonical value) of the first of ``axes`` that knows ``word``; None if none does.
+    The one place that decides which axis a user's word belongs to."""
+    for axis in axes:
+        try:
+            return axis, normalise(axis, word)
+        except ValueError:
+            continue
+    return None
+
+
 def _fix_articles(text: str) -> str:
     words = text.split(" ")
     for i, word in enumerate(words[:-1]):
