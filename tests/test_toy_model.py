@@ -74,7 +74,7 @@ def test_render_and_judge_bad_input(cli, tmp_path):
     not_an_image = tmp_path / "notes.txt"
     not_an_image.write_text("hello")
     result = cli("toy", "judge", not_an_image)
-    assert result.code == 2 and "cannot read an image" in result.err
+    assert result.code == 2 and "as an image" in result.err
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pytest
 
+from conceptctl.errors import UsageError
 from conceptctl.toy.render import SIZE, render
 from conceptctl.toy.world import (
     AXES,
@@ -96,5 +97,5 @@ def test_erasure_check_prompt_groups():
     objects = [g.name for g in prompt_groups("chapel", "house")]
     assert objects == ["target", "target_heldout", "anchor", "other:airplane",
                        "other:parachute", "other:tree", "other:boat"]
-    with pytest.raises(ValueError, match="is a toy style but 'house' is a toy object"):
+    with pytest.raises(UsageError, match="is a toy style but 'house' is a toy object"):
         prompt_groups("Monet", "house")
