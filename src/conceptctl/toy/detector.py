@@ -11,10 +11,6 @@ from conceptctl.toy.judge import JUDGE_FILE, Judge
 from conceptctl.toy.world import AXES, axis_of, normalise
 
 
-def _axis_value(concept: str) -> tuple[str, str] | None:
-    return axis_of(concept, tuple(AXES))
-
-
 class ToyJudgeDetector:
     name = "toy-judge"
 
@@ -36,7 +32,7 @@ class ToyJudgeDetector:
         return out
 
     def shows(self, labels: dict, concept: str) -> bool | None:
-        found = _axis_value(concept)
+        found = axis_of(concept, tuple(AXES))
         return None if found is None else labels[found[0]] == found[1]
 
     def matches(self, labels: dict, expect: dict) -> bool | None:
@@ -49,7 +45,7 @@ class ToyJudgeDetector:
             raise UsageError(f"prompt expectation: {exc}") from None
 
     def concept_keys(self, concept: str) -> set[str]:
-        found = _axis_value(concept)
+        found = axis_of(concept, tuple(AXES))
         return {found[0]} if found else set()
 
     def features(self, images: np.ndarray):
