@@ -9,9 +9,8 @@
 2. LoRA: overall and worst-layer relative error, adapter parameters and file size for each
    fixed rank and for ``--rank auto`` at each ``--max-error``.
 3. Toy artifacts only (``--judge-ranks``): the base model with each LoRA loaded through
-   diffusers' ``load_lora_weights`` (needs peft) is judged on the erased concept's prompts and
-   on the anchor's (conceptctl.toy.erasure_check), beside the base and the full artifact, to
-   show which rank still erases.
+   diffusers' ``load_lora_weights`` (needs peft) is judged on the toy evaluation suite's target
+   and anchor prompts, beside the base and the full artifact, to show which rank still erases.
 
 Prints one JSON line, then a readable summary.
 """
@@ -76,23 +75,31 @@ def lora_errors(artifact: Path, out: Path, ranks: list[str], max_errors: list[fl
 def judge_loras(artifact: Path, rows: list[dict], judge_ranks: list[str], seeds: int) -> dict:
     from conceptctl.backbones.loading import open_backbone
     from conceptctl.erasure.artifact import apply_artifact, read_artifact
-    from conceptctl.toy.erasure_check import _axis_value, judge_group, prompt_groups
-    from conceptctl.toy.judge import Judge
+    from conceptctl.evaluation.generate import DrawSettings, draw_cases
+    from conceptctl.sampling import SampleSettings
+    from conceptctl.toy.detector import ToyJudgeDetector
+    from conceptctl.toy.eval_suite import toy_suite
 
     record = read_artifact(artifact)
-    concept, anchor = record.manifest["concept"], record.manifest["anchor"]
-    _, target = _axis_value(concept)
-    groups = {g.name: g for g in prompt_groups(concept, anchor)}
-    judge = Judge.load()
+    concept = record.manifest["concept"]
+    # The default evaluation's toy suite and judge, on its target and anchor prompts.
+    suite = toy_suite(record.manifest, seeds, 20_000)
+    detector = ToyJudgeDetector()
 
     def measure(model) -> dict:
+        defaults = SampleSettings(prompts=("x",)).for_backbone(model)
+        draw = DrawSettings(seeds, defaults.steps, defaults.guidance)
         out = {}
         for name in ("target", "anchor"):
-            rows_ = judge_group(model, judge, groups[name], seeds)
-            value = target if name == "target" else groups[name].value
-            axis = groups[name].axis
-            out[name] = sum(r["judged"][axis] == value for r in rows_) / len(rows_)
-        return out  # target: share still drawn as the concept; anchor: share drawn correctly
+            cases = suite.group(name)
+            labels = detector.judge(draw_cases(model, cases, draw).images)
+            if name == "target":  # share still drawn as the concept
+                hits = [detector.shows(lab, concept) for lab in labels]
+            else:  # share drawn as asked on every axis
+                hits = [detector.matches(lab, cases[i // seeds].expect)
+                        for i, lab in enumerate(labels)]
+            out[name] = sum(hits) / len(hits)
+        return out
 
     models = {"base": open_backbone("toy", device="cpu")}
     erased = open_backbone("toy", device="cpu")

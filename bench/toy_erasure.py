@@ -1,11 +1,15 @@
 """Erase a toy concept and measure it: the figures in docs/erase.md.
 
     python bench/toy_erasure.py --concept "Van Gogh" --anchor painting [--method doco]
-           [--seeds 2] [--seed 0] [any erase override: --steps 400 --lr 1e-4 ...] [--out DIR]
+           [--seed 0] [any erase override: --steps 400 --lr 1e-4 ...] [--out DIR]
+    python bench/toy_erasure.py --from-report evaluations/compare/doco   # an existing report
 
-Runs `erase()` with the toy preset (plus overrides), then judges fixed prompt groups drawn by
-the original and the erased model with the same seeds (conceptctl.toy.erasure_check). Prints
-one JSON line: the run's time and, per group, the judged rates before and after.
+Runs `erase()` with the toy preset (plus overrides), then the default evaluation without attacks
+(`conceptctl.evaluation.report.evaluate_to`: the toy suite, drawn by the original and the erased
+model with the same seeds, graded by the toy judge) and reduces its report to the figures the
+docs give: per group the concept rate or the preservation, and every object's accuracy over the
+non-target groups. `--from-report` reduces a report folder `conceptctl eval` wrote. Prints one
+JSON line, then a table.
 """
 
 from __future__ import annotations
@@ -19,63 +23,117 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concept", required=True)
-    parser.add_argument("--anchor", required=True)
+    parser.add_argument("--concept")
+    parser.add_argument("--anchor")
     parser.add_argument("--method", default="doco")
-    parser.add_argument("--seeds", type=int, default=2, help="judged images per prompt")
+    parser.add_argument("--images-per-prompt", type=int, default=2,
+                        help="judged pictures per prompt and model")
     parser.add_argument("--seed", type=int, default=0, help="the erase run's seed")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="the artifact (its report goes to OUT-report)")
     parser.add_argument("--skip-erase", action="store_true",
                         help="measure an existing artifact at --out instead of erasing again")
+    parser.add_argument("--from-report", type=Path,
+                        help="reduce an existing evaluation report folder; nothing is drawn")
     for name, kind in (("steps", int), ("warmup", int), ("batch-size", int), ("lr", float),
                        ("d-lr", float), ("anchor-images", int), ("surgery", str),
                        ("discriminator", str), ("params", str), ("prior-batch", str)):
         parser.add_argument(f"--{name}", type=kind)
     args = parser.parse_args()
+    if args.from_report:
+        report = json.loads((args.from_report / "report.json").read_text())
+        line = {"bench": "toy_erasure", "report": str(args.from_report), **summary(report)}
+    else:
+        if not (args.concept and args.anchor):
+            parser.error("--concept and --anchor are needed (or --from-report)")
+        line = erase_and_measure(args)
+    print(json.dumps(line))
+    print_table(line)
 
-    from conceptctl.backbones.loading import open_backbone
-    from conceptctl.erasure.anchors import guess_type
-    from conceptctl.erasure.artifact import apply_artifact, read_artifact
-    from conceptctl.erasure.config import EraseConfig, preset
+
+def erase_and_measure(args) -> dict:
+    from conceptctl.erasure.config import plan
     from conceptctl.erasure.run import erase
-    from conceptctl.toy.erasure_check import erasure_report
-    from conceptctl.toy.judge import Judge
+    from conceptctl.evaluation.report import evaluate_to
+    from conceptctl.evaluation.run import EvalOptions
 
-    kind = guess_type(args.concept, args.anchor)
-    base = EraseConfig(concept=args.concept, anchor=args.anchor, concept_type=kind,
-                       backbone="toy")
-    recipe = preset("toy", kind, args.batch_size, args.method)
-    cfg = base.with_overrides(**recipe).with_overrides(
-        method=args.method, seed=args.seed, steps=args.steps, warmup=args.warmup,
-        batch_size=args.batch_size,
-        lr=args.lr, d_lr=args.d_lr, anchor_images_per_prompt=args.anchor_images,
-        surgery=args.surgery, discriminator=args.discriminator, params=args.params,
-        prior_batch=args.prior_batch)
+    cfg = plan(args.concept, args.anchor, "toy", method=args.method, seed=args.seed,
+               steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, lr=args.lr,
+               d_lr=args.d_lr, anchor_images_per_prompt=args.anchor_images,
+               surgery=args.surgery, discriminator=args.discriminator, params=args.params,
+               prior_batch=args.prior_batch)
     out = args.out or Path(tempfile.mkdtemp(prefix="toy-erasure-")) / "artifact"
     start = time.time()
     result = None if args.skip_erase else erase(cfg, out, overwrite=True)
     erase_seconds = time.time() - start
-
-    original = open_backbone("toy", device="cpu")
-    erased = open_backbone("toy", device="cpu")
-    apply_artifact(erased, read_artifact(out))
     start = time.time()
-    report = erasure_report(original, erased, Judge.load(), args.concept, args.anchor,
-                            seeds=args.seeds)
-    print(json.dumps({
+    opts = EvalOptions(attacks=(), metrics=("erasure", "preservation"),
+                       images_per_prompt=args.images_per_prompt, device="cpu")
+    report = evaluate_to(out, opts, out.with_name(out.name + "-report"), overwrite=True)
+    return {
         "bench": "toy_erasure", "concept": args.concept, "anchor": args.anchor,
         "method": args.method, "config": cfg.as_dict(),
         "erase_seconds": None if result is None else round(erase_seconds, 1),
         "erase_breakdown": None if result is None else result.seconds,
         "anchors_cached": None if result is None else result.anchors_cached,
-        "check_seconds": round(time.time() - start, 1), "artifact": str(out), **report,
-    }))
-    for name, row in report["groups"].items():
-        before, after = row["before"], row["after"]
-        print(f"{name:22s} concept {before['concept']:6.1%} -> {after['concept']:6.1%}"
-              f"   correct {before['correct']:6.1%} -> {after['correct']:6.1%}")
-    for name, row in report["objects"].items():
-        print(f"object {name:15s} accuracy {row['before']:6.1%} -> {row['after']:6.1%}")
+        "check_seconds": round(time.time() - start, 1), "artifact": str(out),
+        **summary(report),
+    }
+
+
+def summary(report: dict) -> dict:
+    """A toy evaluation report reduced to docs/erase.md's figures.
+
+    ``groups``: the target groups' concept rate before and after; for anchor, each hard
+    negative and general prompts, the preservation (accuracy after / before, every axis the
+    prompt names judged). ``objects``: per object (the erased one aside), the share of pictures
+    of the anchor, hard-negative and general prompts that ask for it and show it, before and
+    after, and kept = after / before.
+    """
+    from conceptctl.erasure.artifact import read_artifact
+    from conceptctl.toy.eval_suite import toy_suite
+    from conceptctl.toy.world import normalise
+
+    if report["suite"]["name"] != "toy":
+        raise SystemExit(f"not a toy-suite report: {report['suite']['name']}")
+    groups = {}
+    for m in report["metrics"]:
+        if m["metric"] == "erasure":
+            groups[m["group"]] = {"concept_before": m["details"]["concept_rate_before"],
+                                  "concept_after": m["details"]["concept_rate_after"]}
+        elif m["metric"] == "preservation":
+            groups[m["group"]] = {"kept": m["value"], **m["details"]}
+    manifest = read_artifact(Path(report["artifact"]["path"])).manifest
+    suite = toy_suite(manifest, report["suite"]["images_per_prompt"], report["options"]["seed"])
+    expect = {c.case_number: c.expect for c in suite.cases}
+    axis = suite.source["axis"]
+    erased = normalise(axis, suite.source["concept"])
+    counts: dict[str, list[int]] = {}  # object -> [shown before, shown after, pictures]
+    for record in report["images"]:
+        wanted = expect[record["case_number"]].get("object")
+        if record["group"].startswith("target") or wanted is None:
+            continue
+        if axis == "object" and wanted == erased:
+            continue
+        row = counts.setdefault(wanted, [0, 0, 0])
+        row[0] += record["original"]["labels"]["object"] == wanted
+        row[1] += record["erased"]["labels"]["object"] == wanted
+        row[2] += 1
+    objects = {o: {"before": b / n, "after": a / n, "kept": a / b if b else None}
+               for o, (b, a, n) in sorted(counts.items())}
+    return {"seconds": report["seconds"], "groups": groups, "objects": objects}
+
+
+def print_table(line: dict) -> None:
+    for name, row in line["groups"].items():
+        if "concept_after" in row:
+            print(f"{name:28s} concept {row['concept_before']:6.1%} -> "
+                  f"{row['concept_after']:6.1%}")
+        else:
+            kept = "-" if row["kept"] is None else f"{row['kept']:6.1%}"
+            print(f"{name:28s} kept {kept}   accuracy {row['accuracy_before']:6.1%} -> "
+                  f"{row['accuracy_after']:6.1%}")
+    for name, row in line["objects"].items():
+        print(f"object {name:21s} accuracy {row['before']:6.1%} -> {row['after']:6.1%}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,23 @@ def tiny_sd2(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd2", "sd2")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd1_artifact(tmp_path_factory, tiny_sd1):
+    """One artifact of ``tiny_erase_config(tiny_sd1)``, erased once for every test that only
+    reads it (tests that change an artifact erase their own). Its anchor cache goes to a
+    home of its own, never the user's."""
+    from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
+
+    root = tmp_path_factory.mktemp("shared-artifact")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONCEPTCTL_HOME", str(root / "home"))
+        reset_plugins()
+        erase(tiny_erase_config(tiny_sd1), root / "art")
+    reset_plugins()
+    return root / "art"
+
+
 @dataclass
 class Result:
     code: int

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptctl.erasure.config import EraseConfig, preset
+from conceptctl.toy.recipe import TOY_ERASE_PRESETS
 
 
 @pytest.fixture
@@ -25,12 +26,12 @@ def _training(backbone, method: str, **overrides):
     from conceptctl.erasure.run import prepare_training
 
     cfg = EraseConfig(concept="church", anchor="house", backbone="x", method=method,
-                      **{**preset("sd", "object", None, method), "batch_size": 2, **overrides})
+                      **{**preset("object", None, method), "batch_size": 2, **overrides})
     return prepare_training(backbone, cfg)
 
 
 def test_each_method_starts_from_its_authors_recipe():
-    ca, esd = preset("sd", "style", None, "ca"), preset("sd", "style", None, "esd-x")
+    ca, esd = preset("style", None, "ca"), preset("style", None, "esd-x")
     # CA: 2e-6 x 8 images a step (4 per GPU on 2 GPUs, --scale_lr), 100 steps, k/v, AdamW.
     assert (ca["steps"], ca["batch_size"], ca["params"], ca["weight_decay"]) == (
         100, 8, "cross-attn-kv", 1e-2)
@@ -42,12 +43,50 @@ def test_each_method_starts_from_its_authors_recipe():
     assert esd["esd_sampling_steps"] == 50
     # The toy keeps its anchor-image settings, 400 steps and 20 sampler steps under every
     # recipe; rates, batches and tensors stay the authors'. DoCo keeps its own preset.
-    toy_ca, toy_esd = preset("toy", "style", None, "ca"), preset("toy", "object", None, "esd-x")
+    toy_ca = preset("style", None, "ca", TOY_ERASE_PRESETS)
+    toy_esd = preset("object", None, "esd-x", TOY_ERASE_PRESETS)
     assert (toy_ca["anchor_steps"], toy_ca["steps"], toy_ca["lr"]) == (20, 400, ca["lr"])
     assert (toy_esd["steps"], toy_esd["esd_sampling_steps"], toy_esd["batch_size"]) == (
         400, 20, 1)
-    assert preset("toy", "style", None, "doco")["steps"] == 400
-    assert preset("sd", "style", None, "ca-doco-recipe") == preset("sd", "style", None, "doco")
+    assert preset("style", None, "doco", TOY_ERASE_PRESETS)["steps"] == 400
+    assert preset("style", None, "ca-doco-recipe") == preset("style", None, "doco")
+
+
+def test_plan_gives_each_method_its_recipe_unless_a_flag_overrides_it(monkeypatch, tmp_path):
+    """What `conceptctl erase --method M` and Python callers run: the trained tensors come from
+    the method's recipe (ESD-x: every attn2 tensor) unless --params says otherwise."""
+    from conceptctl.erasure.config import plan
+
+    monkeypatch.setenv("CONCEPTCTL_HOME", str(tmp_path))
+    assert plan("church", "house", "toy", method="esd-x").params == "cross-attn"
+    assert plan("church", "house", "toy", method="ca").params == "cross-attn-kv"
+    assert plan("church", "house", "toy", method="esd-x", params="full").params == "full"
+    doco = plan("Van Gogh", "painting")  # default backbone: the toy
+    assert (doco.backbone, doco.concept_type, doco.steps) == ("toy", "style", 400)
+    assert doco.lr == pytest.approx(1.25e-5 * 8)
+    assert plan("church", "house", "toy", batch_size=4).lr == pytest.approx(1.25e-5 * 4)
+    assert plan("church", "house", "toy", batch_size=4, lr=3e-4).lr == 3e-4
+
+
+def test_a_bare_config_completes_to_the_backbone_preset(monkeypatch, tmp_path):
+    """erase(EraseConfig("church", "house"), out) from Python on the toy trains the toy's 400
+    steps, not SD's 2000: erase() completes the config as the CLI does."""
+    from conceptctl.erasure.config import complete, plan
+
+    monkeypatch.setenv("CONCEPTCTL_HOME", str(tmp_path))
+    bare = EraseConfig("church", "house")
+    assert bare.steps is None and not bare.is_complete()
+    done = complete(bare)
+    assert done == plan("church", "house") and done.is_complete()
+    assert (done.steps, done.warmup, done.concept_type, done.anchor_steps) == (
+        400, 100, "object", 20)
+    assert complete(done) is done
+    # An exported toy folder carries the toy's presets (its conceptctl.json backbone_defaults).
+    from conceptctl.backbones.spec import FOLDER_DEFAULTS
+
+    assert "erase_presets" in FOLDER_DEFAULTS
+    sd = complete(EraseConfig("church", "house", backbone="sd-1.4", method="ca"))
+    assert (sd.steps, sd.params, sd.anchor_steps) == (100, "cross-attn-kv", 25)
 
 
 def test_ca_step_is_the_reference_model_based_loss(backbone):

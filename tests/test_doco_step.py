@@ -95,10 +95,12 @@ def test_the_generator_is_judged_by_d_before_d_learns_from_the_same_pictures(tra
 
 
 def test_the_learning_rate_is_per_image_times_the_batch():
-    assert preset("sd", "style")["lr"] == pytest.approx(LR_PER_IMAGE * 8)  # 4.8e-5, reference
-    assert preset("sd", "object", batch_size=4)["lr"] == pytest.approx(2.4e-5)
-    assert preset("toy", "style", batch_size=16)["lr"] == pytest.approx(2 * preset(
-        "toy", "style")["lr"])
+    from conceptctl.toy.recipe import TOY_ERASE_PRESETS as TOY
+
+    assert preset("style")["lr"] == pytest.approx(LR_PER_IMAGE * 8)  # 4.8e-5, reference
+    assert preset("object", batch_size=4)["lr"] == pytest.approx(2.4e-5)
+    assert preset("style", 16, backbone=TOY)["lr"] == pytest.approx(2 * preset(
+        "style", backbone=TOY)["lr"])
 
 
 def test_the_cli_scales_the_learning_rate_with_batch_size(cli, tiny_sd1, tmp_path):

@@ -61,7 +61,7 @@ def test_every_float_setting_is_checked():
     from conceptctl.erasure.run import check_config
     from conceptctl.errors import UsageError
 
-    floats = [f.name for f in fields(EraseConfig) if f.type == "float"]
+    floats = [f.name for f in fields(EraseConfig) if f.type in ("float", "float | None")]
     assert {"lr", "d_lr", "weight_decay", "max_grad_norm", "surgery_strength", "prior_weight",
             "esd_eta", "anchor_guidance"} <= set(floats)
     for name in floats:
@@ -234,9 +234,11 @@ def test_resume_with_other_settings_names_each_difference(cli, tiny_sd1, tmp_pat
     checkpoints = _killed_run(cli, tiny_sd1, out)
     cached = sorted((isolated_home / "cache").rglob("*.safetensors"))
     result = cli("erase", "boat", "-a", "house", "-b", tiny_sd1, "-o", out, "--steps", "6",
-                 *RUN, "--lr", "0.5", "--batch-size", "4", "--resume", "latest")
+                 *RUN, "--lr", "0.5", "--batch-size", "4", "--mixed-precision", "bf16",
+                 "--resume", "latest")
     line = _refused(result, "checkpoint-6 was trained with other settings: concept 'church' != "
-                    "'boat'", "batch-size 2 != 4", "lr 0.0001 != 0.5")
+                    "'boat'", "mixed-precision 'no' != 'bf16'", "batch-size 2 != 4",
+                    "lr 0.0001 != 0.5")
     assert "--output" in result.err and "--overwrite" in result.err  # the hint's two ways on
     assert "anchor images" not in line  # the settings alone refused it, before anything loaded
     assert "resumed from" not in result.err and "generated" not in result.err

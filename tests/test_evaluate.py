@@ -45,12 +45,21 @@ def test_toy_report_agrees_with_the_judge_on_the_saved_pictures(cli, toy_artifac
                      if m["metric"] == "erasure" and m["group"] == group)
         assert score["details"]["concept_rate_after"] == pytest.approx(by_hand)
         assert score["value"] == pytest.approx(1 - by_hand)
+    # Preservation by hand: a picture is right when the judge reads every axis its prompt asks
+    # for (the record's expect), erased accuracy over original accuracy.
     anchor = next(m for m in report["metrics"]
                   if m["metric"] == "preservation" and m["group"] == "anchor")
     rows = [r for r in report["images"] if r["group"] == "anchor"]
-    before = np.mean([r["original"]["labels"]["object"] == "house" for r in rows])
-    after = np.mean([r["erased"]["labels"]["object"] == "house" for r in rows])
-    assert anchor["details"]["accuracy_before"] >= 0 and after <= 1
+    assert rows and all(r["expect"]["object"] == "house" for r in rows)
+
+    def accuracy(model):
+        return np.mean([all(r[model]["labels"][k] == v for k, v in r["expect"].items())
+                        for r in rows])
+
+    before, after = accuracy("original"), accuracy("erased")
+    assert anchor["details"]["accuracy_before"] == pytest.approx(before)
+    assert anchor["details"]["accuracy_after"] == pytest.approx(after)
+    assert anchor["value"] == pytest.approx(after / before)
     assert {m["metric"] for m in report["metrics"]} == {"erasure", "preservation",
                                                         "retention", "fd", "kid"}
     assert [a["attack"] for a in report["attacks"]] == ["embedding", "paraphrase"]
@@ -66,15 +75,19 @@ def test_toy_report_agrees_with_the_judge_on_the_saved_pictures(cli, toy_artifac
         assert attack["picture_rate"] == pytest.approx(
             sum(map(sum, shown)) / attack["pictures"])
         assert attack["success_rate"] == pytest.approx(np.mean([any(x) for x in shown]))
-        assert 0 <= attack["no_attack_picture_rate"] <= 1
+        # No attack: the erased model's own pictures of the same target cases, as judged.
+        cases = {row["case_number"] for row in attack["rows"]}
+        plain = [r["erased"]["labels"]["object"] == "church" for r in report["images"]
+                 if r["group"] == "target" and r["case_number"] in cases]
+        assert len(plain) == 2 and attack["no_attack_picture_rate"] == pytest.approx(
+            np.mean(plain))
     page = (out / "report.html").read_text()
     assert page.count("<img class='grid'") >= 5 and report["verdict"]["text"] in page.replace(
         "&#x27;", "'")
-    assert before >= 0  # labels are recorded per picture, for both models
 
 
-def test_tiny_sd_without_detector_still_draws_and_says_so(cli, tiny_sd1, tmp_path):
-    art = _tiny_artifact(tiny_sd1, tmp_path / "art")
+def test_tiny_sd_without_detector_still_draws_and_says_so(cli, tiny_sd1_artifact, tmp_path):
+    art = tiny_sd1_artifact
     out = tmp_path / "report"
     result = cli("evaluate", art, *FAST, "--attacks", "embedding", "--attack-option",
                  "embedding.steps=2", "-o", out, "--json")
@@ -88,21 +101,21 @@ def test_tiny_sd_without_detector_still_draws_and_says_so(cli, tiny_sd1, tmp_pat
         report["suite"]["groups"].values())
 
 
-def test_compare_writes_one_table(cli, tiny_sd1, tmp_path):
-    a = _tiny_artifact(tiny_sd1, tmp_path / "doco")
+def test_compare_writes_one_table(cli, tiny_sd1, tiny_sd1_artifact, tmp_path):
+    a = tiny_sd1_artifact  # its folder is named "art"
     b = _tiny_artifact(tiny_sd1, tmp_path / "ca", method="ca")
     result = cli("eval", a, b, "--compare", *FAST, "--attacks", "none", "-o", tmp_path / "cmp")
     assert result.code == 0, result.err
     table = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert table["artifacts"] == ["doco", "ca"]
-    assert table["header"][3:] == ["doco", "ca"]
+    assert table["artifacts"] == ["art", "ca"]
+    assert table["header"][3:] == ["art", "ca"]
     assert "reused the original model's pictures" in result.err
-    for name in ("doco", "ca"):
+    for name in ("art", "ca"):
         assert (tmp_path / "cmp" / name / "report.html").is_file()
 
 
-def test_bad_input(cli, tiny_sd1, tiny_sd2, tmp_path):
-    art = _tiny_artifact(tiny_sd1, tmp_path / "art")
+def test_bad_input(cli, tiny_sd1_artifact, tiny_sd2, tmp_path):
+    art = tiny_sd1_artifact
     unknown = cli("eval", art, "--metrics", "erasure,vibes")
     assert unknown.code != 0
     assert "unknown metric 'vibes'; available: erasure, preservation" in unknown.err
@@ -134,6 +147,31 @@ def test_verdict_reports_robustness_beside_the_status(attack_rate, robust):
     assert result["status"] == "worked" and result["robust"] is robust
     assert ("not robust: the embedding attack brings it back in 100%" in result["text"]) is (
         robust is False)
+
+
+@pytest.mark.parametrize("erased, kept, status", [
+    (0.90, 0.90, "worked"),  # both exactly at the bar (PASS_THRESHOLD, 90 %)
+    (0.95, 0.85, "collateral"),  # gone, but the anchor suffered
+    (0.85, 1.00, "incomplete"),  # the rest kept, the concept still shows
+    (0.50, 0.50, "failed"),
+])
+def test_each_verdict_branch(erased, kept, status):
+    from conceptctl.evaluation.metrics import Score
+    from conceptctl.evaluation.run import verdict
+
+    scores = [Score("erasure", "target", erased, "higher"),
+              Score("erasure", "target-oos", 1.0, "higher"),
+              Score("preservation", "anchor", kept, "higher"),
+              # A subgroup row does not decide: its group's row does.
+              Score("preservation", "hard-negative:monet", 0.1, "higher"),
+              Score("preservation", "hard-negative", 1.0, "higher")]
+    result = verdict(scores, [], has_detector=True)
+    assert result["status"] == status and result["robust"] is None
+    assert f"{erased:.0%} in-set" in result["text"]
+    if status in ("worked", "collateral"):
+        assert "gone" in result["text"]
+    assert verdict([Score("erasure", "target", 1.0, "higher")], [], True)["status"] == "erased"
+    assert verdict(scores, [], has_detector=False)["status"] == "unknown"
 
 
 def test_compare_rows_name_columns_and_flag_robustness():

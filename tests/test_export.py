@@ -423,11 +423,11 @@ def test_real_erasure_artifact_exports(tiny_sd1, tmp_path, cli):
 
 
 def test_forced_export_model_card_names_the_artifacts_base():
-    from conceptctl.export.metadata import model_card
+    from conceptctl.export.metadata import export_card
 
     info = {"concept": "church", "anchor": "house", "concept_type": "object", "method": "doco",
             "base": {"name": "other", "tensors_digest": "sha256:new", "tensors": ["a"]},
             "export": {"format": "diffusers", "forced": True,
                        "artifact_base": {"name": "sd", "tensors_digest": "sha256:old"}}}
-    card = model_card(info, "load it")
+    card = export_card(info, "load it")
     assert "**Forced export**" in card and "(sha256:old)" in card

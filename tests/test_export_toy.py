@@ -65,6 +65,7 @@ def test_toy_diffusers_folder_loads_in_plain_diffusers(toy_artifact, tmp_path, c
     spec = resolve_backbone(str(out))
     assert (spec.family, spec.sample_steps, spec.sample_guidance) == ("toy", STEPS, GUIDANCE)
     assert (spec.detector, spec.eval_suite, spec.anchor_selector) == ("toy-judge", "toy", "toy")
+    assert spec.erase_presets == resolve_backbone("toy").erase_presets  # erases as the toy
     result = cli("sample", PROMPT, "-n", "1", "--backbone", out, "-o", tmp_path / "f")
     assert result.code == 0, result.err
     again = np.asarray(Image.open(next((tmp_path / "f").glob("000-*.png"))))

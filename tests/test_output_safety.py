@@ -230,11 +230,12 @@ def test_a_stale_lock_is_taken_over_with_a_note(cli, workdir, tiny_sd1):
 
 
 def test_an_erase_takes_over_a_stale_lock(workdir, tiny_sd1):
-    from conceptctl.erasure.run import Reporter, erase
+    from conceptctl.erasure.run import EraseReporter, erase
 
     lock = _plant_lock(workdir / "out", 2**22 + 1)  # above pid_max's default: no such process
     notes = []
-    erase(tiny_erase_config(tiny_sd1), workdir / "out", reporter=Reporter(message=notes.append))
+    erase(tiny_erase_config(tiny_sd1), workdir / "out",
+          reporter=EraseReporter(message=notes.append))
     assert any("took over the stale lock" in n for n in notes)
     assert not lock.exists() and (workdir / "out" / "conceptctl.json").exists()
 

@@ -85,8 +85,8 @@ def test_fixed_prompt_sets_cover_every_concept_and_template():
     assert "a painting of a red house" in {p for _, p in train}
 
 
-def test_erasure_check_prompt_groups():
-    from conceptctl.toy.erasure_check import prompt_groups
+def test_toy_suite_prompt_groups():
+    from conceptctl.toy.eval_suite import prompt_groups
 
     style = {g.name: g for g in prompt_groups("Vincent van Gogh", "painting")}
     assert list(style) == ["target", "target_heldout", "anchor", "other:monet", "other:picasso"]

@@ -136,6 +136,23 @@ def staged_file(target: Path, before_replace=None) -> Iterator[Path]:
 
 
 @contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """:func:`staged_file` for a folder: yield an empty staging folder beside ``target``; on
+    success it replaces ``target`` (an old one is moved aside first and deleted once the new
+    one is in place). No ownership check: for folders inside an output conceptctl owns (an
+    artifact's checkpoints); user-named outputs use :func:`atomic_directory`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(target.parent, f".{target.name}.tmp-")
+    try:
+        yield staging
+        _replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def atomic_file(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """:func:`staged_file` for an output the user named: the single-file counterpart of
     :func:`atomic_directory` (only a file conceptctl wrote is replaced; the lock is held)."""

@@ -324,5 +324,77 @@ def write_samples(
     return out_dir
 
 
+def sample_model(
+    settings: SampleSettings,
+    out_dir: Path,
+    *,
+    backbone: str | None = None,
+    artifact: Path | None = None,
+    compare: bool = False,
+    force: bool = False,
+    backbone_config: Path | None = None,
+    allow_pickle: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    on_step: Callable[[int, int], None] | None = None,
+    message: Callable[[str], None] | None = None,
+) -> Path:
+    """``conceptctl sample`` as a function: load the backbone (default: the artifact's base, else
+    the ``default-backbone`` setting), apply ``artifact`` (an erasure folder or a delta file),
+    draw, and write ``out_dir`` (:func:`write_samples`). ``compare``: also draw the original
+    first; the grid shows both. ``on_step(n, total)``: n more image-steps of ``total`` done;
+    ``message``: warnings (e.g. a forced base mismatch)."""
+    from conceptctl.backbones.loading import open_backbone
+
+    if compare and artifact is None:
+        raise UsageError("--compare needs --model ARTIFACT (the erased model to compare)")
+    record = None
+    if artifact is not None:
+        from conceptctl.erasure.artifact import read_artifact
+
+        record = read_artifact(artifact)
+        backbone = backbone or record.base["name"]
+    _check_sizes_early(settings, backbone, allow_pickle)
+    model = open_backbone(backbone, device=device, dtype=dtype, config=backbone_config,
+                          allow_pickle=allow_pickle)
+    total = (len(settings.prompts) * settings.images_per_prompt
+             * settings.for_backbone(model).steps * (1 + compare))
+
+    def draw():
+        report = None if on_step is None else (lambda n: on_step(n, total))
+        return list(sample_images(model, settings, on_step=report))
+
+    originals, about = None, None
+    if record is not None:
+        from conceptctl.erasure.artifact import apply_artifact
+
+        if compare:
+            originals = draw()
+        for note in apply_artifact(model, record, force=force):
+            if message is not None:
+                message(note)
+        about = {"artifact": str(artifact), "concept": record.manifest["concept"],
+                 "anchor": record.manifest["anchor"], "method": record.manifest["method"],
+                 "forced": force}
+    images = draw()
+    return write_samples(out_dir, images, settings, model, overwrite=overwrite,
+                         originals=originals, model=about)
+
+
+def _check_sizes_early(settings: SampleSettings, backbone: str | None,
+                       allow_pickle: bool) -> None:
+    """Sizes against the backbone's known native side, before its weights load (a backbone
+    whose side is only known once loaded is checked then, still before any sampling)."""
+    from conceptctl.backbones.resolve import resolve_backbone
+    from conceptctl.settings import load_settings
+
+    config = load_settings()
+    spec = resolve_backbone(backbone or config.default_backbone, settings=config,
+                            allow_pickle=allow_pickle)
+    if spec.resolution:
+        settings.check_sizes(spec.resolution, pictures=True)
+
+
 def _file_name(item: SampledImage) -> str:
     return f"{item.prompt_index:03d}-{slug(item.prompt)}-{item.index:02d}.png"

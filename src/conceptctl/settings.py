@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,15 +165,10 @@ def set_setting(key: str, value: str | None) -> Path:
         raise UsageError(
             f"unknown setting {key!r}; known: {', '.join(SCALAR_KEYS)}, backbone-path.NAME"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(_dump(raw))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from conceptctl.fileio import staged_file
+
+    with staged_file(path) as tmp:
+        tmp.write_text(_dump(raw), encoding="utf-8")
     return path
 
 

@@ -60,23 +60,26 @@ def build_tiny_pipeline(flavor: Flavor = "sd1", seed: int = 0):
 
     quiet_libraries()
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
     if flavor not in ("sd1", "sd2"):
         raise ValueError(f"flavor must be 'sd1' or 'sd2', not {flavor!r}")
     sd2 = flavor == "sd2"
     tokenizer = build_tiny_tokenizer()
     text_width = 64 if sd2 else 32
+    torch.manual_seed(seed)  # the three models draw their weights in this order
+    unet, vae = _tiny_unet(sd2, text_width), _tiny_vae()
+    text_encoder = _tiny_text_encoder(tokenizer, sd2, text_width)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=_tiny_scheduler(sd2), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+
+def _tiny_unet(sd2: bool, text_width: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -91,7 +94,12 @@ def build_tiny_pipeline(flavor: Flavor = "sd1", seed: int = 0):
         use_linear_projection=sd2,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -102,44 +110,35 @@ def build_tiny_pipeline(flavor: Flavor = "sd1", seed: int = 0):
         norm_num_groups=8,
         sample_size=16,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text_width,
-            intermediate_size=2 * text_width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            projection_dim=text_width,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    schedule = dict(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-    )
+
+
+def _tiny_text_encoder(tokenizer, sd2: bool, text_width: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=text_width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def _tiny_scheduler(sd2: bool):
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                    beta_schedule="scaled_linear", steps_offset=1)
     if sd2:
-        scheduler = DDIMScheduler(
-            **schedule, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False
-        )
-    else:
-        scheduler = PNDMScheduler(**schedule, skip_prk_steps=True, set_alpha_to_one=False)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        return DDIMScheduler(**schedule, prediction_type="v_prediction", clip_sample=False,
+                             set_alpha_to_one=False)
+    return PNDMScheduler(**schedule, skip_prk_steps=True, set_alpha_to_one=False)
 
 
 def save_tiny_pipeline(path: str | Path, flavor: Flavor = "sd1", seed: int = 0) -> Path:
@@ -153,15 +152,16 @@ def tiny_erase_config(backbone, **overrides):
     """An erasure of ``church`` -> ``house`` that takes seconds on a tiny pipeline (4 steps of
     batch 2, one anchor image for each of 10 template prompts, high rates so that weights
     move): what tests and plugin authors run ``conceptctl.erasure.run.erase`` with.
-    ``overrides``: EraseConfig fields."""
-    from conceptctl.erasure.config import EraseConfig
+    ``overrides``: EraseConfig fields. Returned complete (the rest from the backbone's
+    preset), as the run records it."""
+    from conceptctl.erasure.config import EraseConfig, complete
 
     settings = dict(concept="church", anchor="house", concept_type="object",
                     backbone=str(backbone), steps=4, warmup=1, batch_size=2,
                     anchor_images_per_prompt=1, anchor_prompt_count=10, anchor_steps=2,
                     checkpointing_steps=2,
                     lr=1e-3, d_lr=1e-3)
-    return EraseConfig(**{**settings, **overrides})
+    return complete(EraseConfig(**{**settings, **overrides}))
 
 
 def write_test_artifact(backbone, out_dir: str | Path, *, names=None, scale: float = 0.05,

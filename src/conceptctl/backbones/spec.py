@@ -21,7 +21,7 @@ SourceFormat = Literal["diffusers", "single-file"]
 # The spec fields an exported diffusers folder carries over from its base (its conceptctl.json
 # 'backbone_defaults'), so that `--backbone FOLDER` samples, erases and judges as the base does.
 FOLDER_DEFAULTS = ("family", "sample_steps", "sample_guidance", "anchor_selector", "detector",
-                   "eval_suite")
+                   "eval_suite", "erase_presets")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,10 @@ class BackboneSpec:
     # (None: no built-in detector; the suite falls back to "templates").
     detector: str | None = None
     eval_suite: str | None = None
+    # This model's erase recipe over conceptctl's SD one (conceptctl.erasure.config.preset):
+    # {concept type: settings, "methods": {method: settings}}, plain JSON (an exported folder
+    # carries it). None: the SD recipe as it is.
+    erase_presets: dict | None = None
 
     def properties(self) -> dict[str, Any]:
         """The spec as plain data (what ``conceptctl backbones --json`` prints)."""

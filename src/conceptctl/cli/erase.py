@@ -40,8 +40,9 @@ def erase(
     anchor_prompt_count: Annotated[int | None, typer.Option(
         help="Use the first N built-in template anchor prompts (all 200 by default, the "
         "reference's count; fewer is quicker).", min=1, show_default=False)] = None,
-    params: Annotated[str, typer.Option(help="Trained parameters: cross-attn-kv, cross-attn or "
-                                        "full.")] = "cross-attn-kv",
+    params: Annotated[str | None, typer.Option(
+        help="Trained parameters: cross-attn-kv, cross-attn or full (preset: the method's).",
+        show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (preset).", min=1,
                                               show_default=False)] = None,
     warmup: Annotated[int | None, typer.Option(help="Discriminator-only warm-up steps (preset).",
@@ -84,34 +85,24 @@ def erase(
     json_output: options.Json = False,
 ) -> None:
     """Erase CONCEPT: prompts asking for it should give ANCHOR instead; the rest keeps working."""
-    from conceptctl.backbones.resolve import resolve_backbone
-    from conceptctl.erasure.anchors import guess_type
-    from conceptctl.erasure.config import EraseConfig, preset
+    from conceptctl.erasure.config import plan
     from conceptctl.erasure.distributed import is_main_launched_process
     from conceptctl.erasure.run import check_config
     from conceptctl.fileio import next_free_dir
     from conceptctl.outputs import check_output_free
     from conceptctl.sampling import slug
-    from conceptctl.settings import load_settings
 
-    settings = load_settings()
-    spec = resolve_backbone(backbone or settings.default_backbone, settings=settings)
-    kind = concept_type or guess_type(concept, anchor)
     selector = anchor_selector or ("prompt-file" if anchor_prompts else None)
-    base = EraseConfig(concept=concept.strip(), anchor=anchor.strip(), concept_type=kind,
-                       backbone=backbone or settings.default_backbone, seed=seed)
-    # Each method starts from its own recipe (ca, esd-x: their authors'; the rest: DoCo's).
-    recipe = preset(spec.family, kind, batch_size, method or "doco")
-    cfg = base.with_overrides(**recipe).with_overrides(
-        method=method, discriminator=discriminator, surgery=surgery, anchor_selector=selector,
-        anchor_prompts=str(anchor_prompts) if anchor_prompts else None,
-        anchor_prompt_count=anchor_prompt_count, params=params,
-        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-        compile=compile_unet, tf32=tf32,
-        steps=steps, warmup=warmup, batch_size=batch_size, lr=lr, d_lr=d_lr,
-        surgery_strength=surgery_strength, anchor_images_per_prompt=anchor_images,
-        checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit,
-    )
+    cfg = plan(concept, anchor, backbone, concept_type=concept_type, method=method,
+               discriminator=discriminator, surgery=surgery, anchor_selector=selector,
+               anchor_prompts=str(anchor_prompts) if anchor_prompts else None,
+               anchor_prompt_count=anchor_prompt_count, params=params,
+               mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+               compile=compile_unet, tf32=tf32, seed=seed,
+               steps=steps, warmup=warmup, batch_size=batch_size, lr=lr, d_lr=d_lr,
+               surgery_strength=surgery_strength, anchor_images_per_prompt=anchor_images,
+               checkpointing_steps=checkpointing_steps,
+               checkpoints_total_limit=checkpoints_total_limit)
     if resume is not None and output is None:
         raise UsageError("--resume needs --output: the folder of the run to continue")
     out = output or next_free_dir(Path("erased") / f"{slug(concept)}-{cfg.method}")
@@ -142,7 +133,7 @@ def erase(
 def _run(cfg, out, resume, overwrite, device, dtype):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from conceptctl.erasure.run import Reporter
+    from conceptctl.erasure.run import EraseReporter
     from conceptctl.erasure.run import erase as run_erase
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -170,7 +161,7 @@ def _run(cfg, out, resume, overwrite, device, dtype):
                 info = "warm-up " + info
             progress.update(bar("training", total), completed=step, info=info)
 
-        reporter = Reporter(
+        reporter = EraseReporter(
             message=lambda text: progress.console.print(text, markup=False),
             anchor_progress=lambda done, total: progress.update(
                 bar("anchor images (image-steps)", total), completed=done),

@@ -153,15 +153,11 @@ def evaluate(
 def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from conceptctl.erasure.distributed import is_main_launched_process
-    from conceptctl.evaluation.compare import write_compare
-    from conceptctl.evaluation.report import write_report
-    from conceptctl.evaluation.run import OriginalCache, Reporter
-    from conceptctl.evaluation.run import evaluate as run_evaluate
-    from conceptctl.fileio import atomic_directory
+    from conceptctl.evaluation.compare import compare_artifacts
+    from conceptctl.evaluation.report import evaluate_to
+    from conceptctl.evaluation.run import EvalReporter
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    results = []
     # The bar starts with the first picture, so errors found while loading (a wrong base, a bad
     # prompt file) stay the first line on stderr.
     progress: Progress | None = None
@@ -179,44 +175,15 @@ def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
     def message(text):
         (progress.console if progress else console.err).print(text, markup=False)
 
-    reporter = Reporter(message=message, progress=on_progress)
+    reporter = EvalReporter(message=message, progress=on_progress, begin=lambda path: tasks.clear())
     try:
-        cache = OriginalCache()
-        if not compare:
-            result, run = run_evaluate(artifacts[0], opts, reporter, cache)
-            if not run.dist.is_main:
-                return []
-            write_report(out, result, run, overwrite=overwrite)
-            return [result]
-        if not is_main_launched_process():
-            for path in artifacts:  # draw its share of every artifact's pictures; write nothing
-                run_evaluate(path, opts, reporter, cache)
-            return []
-        with atomic_directory(out, overwrite=overwrite) as staging:
-            names = _unique_names(artifacts)
-            for path, name in zip(artifacts, names, strict=True):
-                tasks.clear()
-                result, run = run_evaluate(path, opts, reporter, cache)
-                write_report(staging / name, result, run)
-                result["report"] = f"{name}/report.html"
-                results.append(result)
-            write_compare(staging, results, names)
+        if compare:
+            return compare_artifacts(artifacts, opts, out, reporter, overwrite=overwrite)
+        result = evaluate_to(artifacts[0], opts, out, reporter, overwrite=overwrite)
+        return [] if result is None else [result]
     finally:
         if progress is not None:
             progress.stop()
-    return results
-
-
-def _unique_names(paths: list[Path]) -> list[str]:
-    names: list[str] = []
-    for path in paths:
-        base = path.resolve().name or "artifact"
-        name, n = base, 1
-        while name in names:
-            n += 1
-            name = f"{base}-{n}"
-        names.append(name)
-    return names
 
 
 def _table(result: dict):

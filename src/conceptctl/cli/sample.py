@@ -95,7 +95,7 @@ def sample(
     target = out if out is not None else next_free_dir(Path("samples") / slug(prompts[0]))
     check_output_free(target, overwrite, "folder")  # fail before minutes of sampling
 
-    if compare and model is None:
+    if compare and model is None:  # before the output is claimed
         raise UsageError("--compare needs --model ARTIFACT (the erased model to compare)")
     with claim_output(target, overwrite, "folder"):  # one writer from here to the last file
         written = _run(settings, target, overwrite, backbone, backbone_config, allow_pickle,
@@ -108,59 +108,35 @@ def sample(
         console.out.print(f"{count} image(s) in {written}  (grid: {written / 'grid.png'})")
 
 
-def _check_sizes_early(settings, backbone: str | None, allow_pickle: bool) -> None:
-    """Sizes against the backbone's known native side, before its weights load (a backbone
-    whose side is only known once loaded is checked then, still before any sampling)."""
-    from conceptctl.backbones.resolve import resolve_backbone
-    from conceptctl.settings import load_settings
-
-    config = load_settings()
-    spec = resolve_backbone(backbone or config.default_backbone, settings=config,
-                            allow_pickle=allow_pickle)
-    if spec.resolution:
-        settings.check_sizes(spec.resolution, pictures=True)
-
-
 def _run(settings, target, overwrite, backbone, backbone_config, allow_pickle, device, dtype,
          model_dir, compare, force):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from conceptctl.backbones.loading import open_backbone
-    from conceptctl.sampling import sample_images, write_samples
+    from conceptctl.sampling import sample_model
 
-    artifact = None
-    if model_dir is not None:
-        from conceptctl.erasure.artifact import read_artifact
-
-        artifact = read_artifact(model_dir)
-        backbone = backbone or artifact.base["name"]
-    _check_sizes_early(settings, backbone, allow_pickle)
-    with console.err.status("loading backbone…"):
-        model = open_backbone(backbone, device=device, dtype=dtype, config=backbone_config,
-                              allow_pickle=allow_pickle)
-    runs = 1 + (compare and artifact is not None)
-    total = len(settings.prompts) * settings.images_per_prompt * settings.for_backbone(
-        model).steps * runs
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
-    originals, about = None, None
-    with Progress(*columns, console=console.err, transient=True) as progress:
-        task = progress.add_task("sampling (image-steps)", total=total)
+    progress = Progress(*columns, console=console.err, transient=True)
+    task = None
+    loading = console.err.status("loading backbone…")
 
-        def draw():
-            return list(sample_images(model, settings,
-                                      on_step=lambda k: progress.advance(task, k)))
+    def on_step(n, total):  # the first step ends the loading spinner and starts the bar
+        nonlocal task
+        if task is None:
+            loading.stop()
+            progress.start()
+            task = progress.add_task("sampling (image-steps)", total=total)
+        progress.advance(task, n)
 
-        if artifact is not None:
-            from conceptctl.erasure.artifact import apply_artifact
+    def warn(note):
+        console.err.print(f"[yellow]warning:[/] {note}", markup=True)
 
-            if compare:
-                originals = draw()
-            for note in apply_artifact(model, artifact, force=force):
-                console.err.print(f"[yellow]warning:[/] {note}", markup=True)
-            about = {"artifact": str(model_dir), "concept": artifact.manifest["concept"],
-                     "anchor": artifact.manifest["anchor"],
-                     "method": artifact.manifest["method"], "forced": force}
-        images = draw()
-    return write_samples(target, images, settings, model, overwrite=overwrite,
-                         originals=originals, model=about)
+    loading.start()
+    try:
+        return sample_model(settings, target, backbone=backbone, artifact=model_dir,
+                            compare=compare, force=force, backbone_config=backbone_config,
+                            allow_pickle=allow_pickle, device=device, dtype=dtype,
+                            overwrite=overwrite, on_step=on_step, message=warn)
+    finally:
+        loading.stop()
+        progress.stop()

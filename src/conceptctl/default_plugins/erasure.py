@@ -108,13 +108,6 @@ def _prompt_file(config, backbone):
                            config.concept_type)
 
 
-def _toy(config, backbone):
-    from conceptctl.toy.anchors import toy_anchor_set
-
-    return toy_anchor_set(config.concept, config.anchor, config.concept_type,
-                          fallback=_count(config))
-
-
 @hookimpl
 def register_methods(register):
     register(Component("doco", _doco, "DoCo: adversarial domain correction + gradient surgery"))
@@ -148,4 +141,3 @@ def register_gradient_surgeries(register):
 def register_anchor_selectors(register):
     register(Component("templates", _templates, "built-in offline templates per concept type"))
     register(Component("prompt-file", _prompt_file, "your anchor prompts, one per line"))
-    register(Component("toy", _toy, "the toy world's own caption templates"))

@@ -4,24 +4,10 @@ from conceptctl.components import Component
 from conceptctl.hookspecs import hookimpl
 
 
-def _toy_suite(manifest, images_per_prompt, seed):
-    from conceptctl.toy.eval_suite import toy_suite
-
-    return toy_suite(manifest, images_per_prompt, seed)
-
-
 def _template_suite(manifest, images_per_prompt, seed):
     from conceptctl.evaluation.suites import template_suite
 
     return template_suite(manifest, images_per_prompt, seed)
-
-
-def _toy_judge(options):
-    from conceptctl.evaluation.detectors import detector_options
-    from conceptctl.toy.detector import ToyJudgeDetector
-
-    detector_options(options, (), "toy-judge")  # it has none: a --detector-option is a mistake
-    return ToyJudgeDetector()
 
 
 def _metric(class_name):
@@ -47,13 +33,7 @@ def _paraphrase(options):
 
 @hookimpl
 def register_suites(register):
-    register(Component("toy", _toy_suite, "the toy world's groups, graded by the toy judge"))
     register(Component("templates", _template_suite, "offline templates for any backbone"))
-
-
-@hookimpl
-def register_detectors(register):
-    register(Component("toy-judge", _toy_judge, "the toy judge: object, style, colour"))
 
 
 @hookimpl

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from conceptctl.errors import UsageError
+from conceptctl.text import fix_articles
 
 ConceptType = Literal["style", "object", "nudity"]
 CONCEPT_TYPES: tuple[str, ...] = ("style", "object", "nudity")
@@ -60,7 +61,7 @@ def derive_target(anchor_prompt: str, concept: str, anchor: str, kind: ConceptTy
             "so the target prompt can name the concept in its place",
         )
     # A function, not a template: backslashes in the user's concept stay literal text.
-    return _article_fix(pattern.sub(lambda _: concept, anchor_prompt))
+    return fix_articles(pattern.sub(lambda _: concept, anchor_prompt))
 
 
 # Offline templates. The reference draws ~1000 anchor images from ~200 captions (LAION captions
@@ -137,7 +138,7 @@ def template_anchor_set(concept: str, anchor: str, kind: ConceptType,
                       for f, setting in _interleave(OBJECT_FRAMINGS, OBJECT_SETTINGS)]
     named = re.compile(rf"\b{re.escape(anchor)}\b", re.IGNORECASE)
     anchors: list[str] = []
-    for text in map(_article_fix, candidates):
+    for text in map(fix_articles, candidates):
         if len(anchors) == count:
             break
         # An object or nudity target replaces every occurrence: keep prompts naming it once.
@@ -166,9 +167,3 @@ def file_anchor_set(path: Path, concept: str, anchor: str, kind: ConceptType) ->
     if not anchors:
         raise UsageError(f"{path} holds no anchor prompts (one per line)")
     return AnchorSet(anchors, tuple(derive_target(a, concept, anchor, kind) for a in anchors))
-
-
-def _article_fix(text: str) -> str:
-    """'a airplane' -> 'an airplane', 'an church' -> 'a church' (after a word swap)."""
-    text = re.sub(r"\b([Aa]) ([aeiouAEIOU])", r"\1n \2", text)
-    return re.sub(r"\b([Aa])n ([b-df-hj-np-tv-zB-DF-HJ-NP-TV-Z])", r"\1 \2", text)

@@ -21,6 +21,7 @@ it copies values.
 from __future__ import annotations
 
 import json
+import platform
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from conceptctl.erasure.finite import NonFiniteWeightsError, first_non_finite
 from conceptctl.errors import ConceptctlError
 from conceptctl.fileio import staged_file
 from conceptctl.fingerprint import tensor_digest
+from conceptctl.registry import get_registry
 
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
@@ -270,3 +272,102 @@ def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[st
             else:
                 params[name].copy_(value.to(params[name]))
     return notes
+
+
+def _component_info(kind: str, name: str) -> dict:
+    from conceptctl.plugins import plugin_infos
+
+    entry = get_registry(kind).entry(name)
+    info = {i.name: i for i in plugin_infos()}.get(entry.plugin)
+    return {"name": name, "plugin": entry.plugin,
+            "package": info.package if info else None, "version": info.version if info else None}
+
+
+def _summary(history: list[dict]) -> dict:
+    trained = [h for h in history if h.get("generator_step")]
+    last = trained[-50:]
+
+    def mean(key: str):
+        values = [h[key] for h in last if h.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    fired = [h["surgery_fired"] for h in trained if h.get("surgery_fired") is not None]
+    return {"final_loss": mean("loss"), "final_preserve_loss": mean("preserve_loss"),
+            "final_d_accuracy": mean("d_accuracy"),
+            "surgery_fired_share": sum(fired) / len(fired) if fired else None}
+
+
+def build_manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file, selector,
+              seconds, peak, history, versions) -> dict:
+    """conceptctl.json of a finished run: what was erased, from which base, with which components
+    (and their plugins' versions), every setting, the anchors, the training summary, time,
+    memory, machine and library versions."""
+    from dataclasses import asdict
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "values",  # weights.safetensors holds new values of the listed tensors
+        "concept": cfg.concept,
+        "anchor": cfg.anchor,
+        "concept_type": cfg.concept_type,
+        "method": cfg.method,
+        "base": {**backbone.describe(), **base, "tensors": sorted(params)},
+        "components": {
+            "method": _component_info("method", cfg.method),
+            "discriminator": _component_info("discriminator", cfg.discriminator),
+            "gradient_surgery": _component_info("gradient-surgery", cfg.surgery),
+            "anchor_selector": _component_info("anchor-selector", selector.name),
+        },
+        "hyperparameters": cfg.as_dict(),
+        "seed": cfg.seed,
+        "anchors": {"prompts": list(anchors.anchor), "targets": list(anchors.target),
+                    "sampler": asdict(anchor_settings) | {"prompts": len(anchors.anchor)},
+                    "cache_file": cache_file.name if cache_file else None},
+        "training": _summary(history),
+        "seconds": seconds,
+        "peak_memory_mb": round(peak, 1),
+        "machine": {"platform": platform.platform(), "device": str(backbone.device),
+                    "torch_threads": torch.get_num_threads()},
+        "versions": versions,
+    }
+
+
+def _anchor_line(m: dict) -> str:
+    if m["anchors"]["cache_file"] is None:
+        return "none (the method samples its own training latents)"
+    per_prompt = m["hyperparameters"]["anchor_images_per_prompt"]
+    return f"{len(m['anchors']['prompts'])} prompts x {per_prompt}"
+
+
+def artifact_card(m: dict) -> str:
+    """The artifact's README.md (:func:`model_card` with the training settings)."""
+    h = m["hyperparameters"]
+    rows = [
+        ("base model", f"{m['base']['name']} (`{m['base']['source']}`)"),
+        ("base tensors replaced",
+         f"{len(m['base']['tensors'])}, digest `{m['base']['tensors_digest']}`"),
+        ("method", f"{m['method']} (discriminator {h['discriminator']}, surgery {h['surgery']})"),
+        ("trained parameters", h["params"]),
+        ("steps / warm-up / batch", f"{h['steps']} / {h['warmup']} / {h['batch_size']}"),
+        ("learning rates", f"generator {h['lr']}, discriminator {h['d_lr']}"),
+        ("seed", h["seed"]),
+        ("anchor images", _anchor_line(m)),
+        ("time", f"{m['seconds']['total']} s ({m['machine']['device']})"),
+    ]
+    return model_card(m, "This folder is a conceptctl erasure artifact", rows, (
+        "`weights.safetensors` holds the new values of the replaced UNet tensors; "
+        "`conceptctl.json` holds every setting, component version and library version. Use it "
+        'with `conceptctl sample "PROMPT" --model THIS_FOLDER` (add `--compare` to see the '
+        "original beside it)."))
+
+
+def model_card(record: dict, intro: str, rows: list[tuple[str, object]], body: str,
+               front_matter: tuple[str, ...] = ()) -> str:
+    """The one model-card layout (an artifact's README, an exported folder's): optional YAML
+    front matter, a title, what the model now does instead, a table, then ``body``."""
+    head = "\n".join(("---", *front_matter, "---", "", "")) if front_matter else ""
+    table = "\n".join(["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
+    return (f"{head}# {record['concept']} erased from {record['base'].get('name')} "
+            f"({record['method']})\n\n{intro}: prompts asking for **{record['concept']}** "
+            f"({record['concept_type']}) should now give **{record['anchor']}** instead.\n\n"
+            f"{table}\n\n{body}\n")

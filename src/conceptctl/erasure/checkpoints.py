@@ -12,7 +12,6 @@ Only finite tensors are written (and read): a checkpoint is what a diverged run 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conceptctl.erasure.finite import NonFiniteWeightsError, first_non_finite
-from conceptctl.fileio import staging_dir
+from conceptctl.fileio import staged_directory
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 RUN_FILE = "config.json"  # the run's settings, beside state.json
@@ -75,20 +74,13 @@ def save_checkpoint(
                                    for k, v in module.state_dict().items()}
     _refuse_non_finite(files, f"refusing to write checkpoint-{step}")
     final = out_dir / f"checkpoint-{step}"
-    staging = staging_dir(out_dir, f".checkpoint-{step}-")
-    try:
+    with staged_directory(final) as staging:
         for file, tensors in files.items():
             save_file(tensors, str(staging / f"{file}.safetensors"))
         save_file({"state": generator.get_state()}, str(staging / "rng.safetensors"))
         if run is not None:
             (staging / RUN_FILE).write_text(json.dumps(run, indent=1))
         (staging / "state.json").write_text(json.dumps({**meta, "history": history}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

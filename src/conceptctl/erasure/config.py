@@ -16,10 +16,15 @@ from dataclasses import asdict, dataclass, fields, replace
 
 @dataclass(frozen=True)
 class EraseConfig:
+    """What to erase and how. A field left None takes its value from :func:`complete`: the
+    backbone from the ``default-backbone`` setting, the concept type guessed from the concept
+    and anchor, every recipe value from the preset of the backbone family, concept type and
+    method. Build one with :func:`plan`, or complete it with ``erase()``, which does both."""
+
     concept: str
     anchor: str
-    concept_type: str = "object"
-    backbone: str = "toy"
+    concept_type: str | None = None  # None: guessed from concept and anchor
+    backbone: str | None = None  # None: the default-backbone setting
     method: str = "doco"
     discriminator: str = "patchgan"
     surgery: str = "doco"
@@ -28,34 +33,35 @@ class EraseConfig:
     # How many of the built-in templates' anchor prompts to use (None: all 200, the reference's
     # count); fewer make a quick run, as in tests on tiny pipelines.
     anchor_prompt_count: int | None = None
-    params: str = "cross-attn-kv"
     mixed_precision: str = "no"  # no | fp16 | bf16: autocast of the UNet passes
     # Speed and memory switches that leave the result unchanged (gradient checkpointing: the
     # same numbers; compile and TF32: within float tolerance). See docs/performance.md.
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     compile: bool = False  # torch.compile the UNets (first steps pay the compilation)
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions
-    steps: int = 2000
-    warmup: int = 1000
-    batch_size: int = 8
-    lr: float = 4.8e-5
-    d_lr: float = 1e-4
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
     surgery_strength: float = 1.0
     prior_weight: float = 0.1
     # The preservation loss's images: "separate" (the reference's own prior batch) or "shared"
     # (the adversarial batch's own x_t, t and ε, as conceptctl did before; kept to measure both).
     prior_batch: str = "separate"
-    esd_eta: float = 1.0
-    # esd-x: DDIM steps of the sampler whose first k steps make each training latent.
-    esd_sampling_steps: int = 50
-    anchor_images_per_prompt: int = 5
-    anchor_steps: int = 25
-    anchor_guidance: float = 6.0
     seed: int = 0
-    checkpointing_steps: int = 500
     checkpoints_total_limit: int = 2
+    # The recipe: None takes the preset's value (RECIPE and the presets below).
+    params: str | None = None
+    steps: int | None = None
+    warmup: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    d_lr: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    esd_eta: float | None = None
+    # esd-x: DDIM steps of the sampler whose first k steps make each training latent.
+    esd_sampling_steps: int | None = None
+    anchor_images_per_prompt: int | None = None
+    anchor_steps: int | None = None
+    anchor_guidance: float | None = None
+    checkpointing_steps: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,23 +74,26 @@ class EraseConfig:
             raise TypeError(f"unknown erase settings: {', '.join(sorted(unknown))}")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def is_complete(self) -> bool:
+        return all(getattr(self, f.name) is not None for f in fields(self)
+                   if f.name in RECIPE or f.name in ("concept_type", "backbone"))
+
+
+# DoCo's SD recipe (the reference code's values): what every preset starts from.
+RECIPE: dict = dict(params="cross-attn-kv", steps=2000, warmup=1000, batch_size=8, d_lr=1e-4,
+                    weight_decay=1e-2, max_grad_norm=1.0, esd_eta=1.0, esd_sampling_steps=50,
+                    anchor_images_per_prompt=5, anchor_steps=25, anchor_guidance=6.0,
+                    checkpointing_steps=500, lr=None)
 
 # The reference's generator learning rate is 6e-6 per image of the batch (--scale_lr): the UNet
 # rate is lr_per_image x batch size, whatever --batch-size is, unless --lr gives it outright.
 LR_PER_IMAGE = 6e-6
 
-# (backbone family, concept type) -> DoCo's settings that differ from the dataclass defaults.
-# The toy's UNet rate, 1.25e-5 per image (1e-4 at batch 8), was measured on both concept types
-# (docs/erase.md): at twice that, a style erasure could spread the style to its anchor.
-_TOY = dict(steps=400, warmup=100, batch_size=8, anchor_images_per_prompt=4,
-            anchor_steps=20, anchor_guidance=3.0, checkpointing_steps=100, d_lr=5e-4,
-            lr_per_image=1.25e-5)
-PRESETS: dict[tuple[str, str], dict] = {
-    ("sd", "style"): dict(d_lr=5e-4),
-    ("sd", "object"): dict(d_lr=1e-4),
-    ("sd", "nudity"): dict(d_lr=1e-4),
-    ("toy", "style"): _TOY,
-    ("toy", "object"): _TOY,
+# Concept type -> DoCo's SD settings that differ from RECIPE (the reference's discriminator rates).
+TYPE_PRESETS: dict[str, dict] = {
+    "style": dict(d_lr=5e-4),
+    "object": dict(d_lr=1e-4),
+    "nudity": dict(d_lr=1e-4),
 }
 
 # The baselines' own recipes, on every backbone and concept type, over the preset above (whose
@@ -103,26 +112,51 @@ METHOD_PRESETS: dict[str, dict] = {
     "esd-x": dict(steps=1000, warmup=0, batch_size=1, lr_per_image=1e-5, params="cross-attn",
                   weight_decay=0.0, esd_eta=1.0, esd_sampling_steps=50, checkpointing_steps=250),
 }
-# On the toy every method trains the toy preset's 400 steps and samples with the toy's 20
-# sampler steps; rates, batches, losses and trained tensors stay the authors'. Measured in
-# docs/erase.md: CA's 100 steps at its rate leave the toy's style in place, and ESD's 1000
-# iterations of 50-step sampling take a quarter of an hour on 2 cores.
-TOY_METHOD_PRESETS: dict[str, dict] = {
-    "ca": dict(steps=400, checkpointing_steps=100),
-    "esd-x": dict(steps=400, esd_sampling_steps=20, checkpointing_steps=100),
-}
-
-
-def preset(family: str, concept_type: str, batch_size: int | None = None,
-           method: str = "doco") -> dict:
-    """The preset for a backbone family ('toy' or any SD family), concept type and method, with
-    the UNet learning rate scaled to ``batch_size`` (default: the preset's batch). Methods
-    without a recipe of their own (DoCo, plugins' methods, the ``*-doco-recipe`` variants) get
-    DoCo's."""
-    key = ("toy" if family == "toy" else "sd", concept_type)
-    values = dict(PRESETS.get(key, {})) | METHOD_PRESETS.get(method, {})
-    if family == "toy":
-        values |= TOY_METHOD_PRESETS.get(method, {})
+def preset(concept_type: str, batch_size: int | None = None, method: str = "doco",
+           backbone: dict | None = None) -> dict:
+    """Every recipe value (:data:`RECIPE`'s keys) for a concept type and method, with the UNet
+    learning rate scaled to ``batch_size`` (default: the preset's batch). ``backbone``: the
+    backbone's own presets over conceptctl's SD ones (``BackboneSpec.erase_presets``: per
+    concept type, and per method under "methods"; the toy's: 400 steps, its anchor sampling).
+    Methods without a recipe of their own (DoCo, plugins' methods, the ``*-doco-recipe``
+    variants) get DoCo's."""
+    own = backbone or {}
+    values = (RECIPE | TYPE_PRESETS.get(concept_type, {}) | own.get(concept_type, {})
+              | METHOD_PRESETS.get(method, {}) | own.get("methods", {}).get(method, {}))
     per_image = values.pop("lr_per_image", LR_PER_IMAGE)
-    values["lr"] = per_image * (batch_size or values.get("batch_size", EraseConfig.batch_size))
+    values["lr"] = per_image * (batch_size or values["batch_size"])
     return values
+
+
+def complete(cfg: EraseConfig, spec=None) -> EraseConfig:
+    """``cfg`` with every None filled: the backbone from the settings, the concept type guessed,
+    the recipe from :func:`preset` with the backbone's own presets (the learning rate scaled to
+    the batch size given). A complete config comes back unchanged. ``spec``: the backbone's
+    ``BackboneSpec`` when the caller has it (else it is resolved here, without loading
+    weights)."""
+    if cfg.is_complete():
+        return cfg
+    from conceptctl.erasure.anchors import guess_type
+    from conceptctl.settings import load_settings
+
+    backbone = cfg.backbone
+    if backbone is None or spec is None:
+        settings = load_settings()
+        backbone = backbone or settings.default_backbone
+        if spec is None:
+            from conceptctl.backbones.resolve import resolve_backbone
+
+            spec = resolve_backbone(backbone, settings=settings)
+    kind = cfg.concept_type or guess_type(cfg.concept, cfg.anchor)
+    recipe = preset(kind, cfg.batch_size, cfg.method, spec.erase_presets)
+    return replace(cfg, backbone=backbone, concept_type=kind,
+                   **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
+
+
+def plan(concept: str, anchor: str, backbone: str | None = None, **overrides) -> EraseConfig:
+    """The complete settings of one erasure, as ``conceptctl erase`` runs it: the preset of the
+    backbone, concept type (guessed unless ``concept_type`` is given) and method, then every
+    non-None override (any :class:`EraseConfig` field). E.g.
+    ``plan("church", "house", steps=200)`` on the toy: the toy preset with 200 steps."""
+    cfg = EraseConfig(concept=concept.strip(), anchor=anchor.strip(), backbone=backbone)
+    return complete(cfg.with_overrides(**overrides))

@@ -23,6 +23,7 @@ writes checkpoints and the artifact; anchor images are drawn by all processes, e
 from __future__ import annotations
 
 import os
+from typing import Protocol
 
 import torch
 
@@ -36,6 +37,25 @@ def is_main_launched_process() -> bool:
     """Whether this is the launcher's first process (True when run directly): known before any
     process group exists, for callers that must decide before the work what to write."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+class ProcessGroup(Protocol):
+    """What training, anchor drawing and evaluation ask of the processes of a run: which share
+    of a batch is this process's, and the collectives that combine the shares. Implemented by
+    :class:`SingleProcess` (one process: identities) and :class:`DataParallel`."""
+
+    rank: int
+    world: int
+    is_main: bool
+
+    def shard(self, size: int) -> slice: ...
+    def shares(self, size: int) -> list[int]: ...
+    def sum_(self, tensors) -> None: ...  # in place, over the processes
+    def gather(self, tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor: ...
+    def broadcast_(self, tensors) -> None: ...  # the main process's values, in place
+    def broadcast_object(self, value): ...
+    def max(self, value: float) -> float: ...
+    def barrier(self) -> None: ...
 
 
 class SingleProcess:
@@ -161,7 +181,7 @@ class DataParallel(SingleProcess):
         dist.barrier()
 
 
-def setup(device: str) -> tuple[SingleProcess, str]:
+def setup(device: str) -> tuple[ProcessGroup, str]:
     """The process group for this run and the device this process trains on.
 
     ``device`` is the resolved device setting (``cpu``, ``cuda``, …). Under a launcher with

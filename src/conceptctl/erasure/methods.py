@@ -19,8 +19,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
-from conceptctl.erasure.distributed import SingleProcess
+from conceptctl.erasure.distributed import ProcessGroup, SingleProcess
 from conceptctl.erasure.precision import Precision
 
 
@@ -72,11 +73,22 @@ class Context:
     generator: torch.Generator
     # Gradients go through it (grad / backward) so fp16 loss scaling stays out of the methods.
     precision: Precision = field(default_factory=lambda: Precision("no", "cpu"))
-    # ``timer("name")`` wraps each part of a step; benchmarks pass one that records wall time
-    # (bench/doco_step.py), training leaves the no-op.
-    timer: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
+    # ``timer("name")`` wraps each part of a step: a torch.profiler range, so a profile shows
+    # the paper's parts by name; benchmarks pass one that also records wall time
+    # (bench/common.py Sections).
+    timer: Callable[[str], AbstractContextManager] = record_function
     # The process group of a data-parallel run (conceptctl.erasure.distributed).
-    dist: SingleProcess = field(default_factory=SingleProcess)
+    dist: ProcessGroup = field(default_factory=SingleProcess)
+
+    def summed_grad(self, loss: torch.Tensor, params: list[torch.Tensor],
+                    also: tuple[torch.Tensor, ...] = ()) -> list[torch.Tensor]:
+        """d loss / d params through the precision policy, summed over the processes of a
+        data-parallel run, where each process's loss covers its own rows (the role of
+        accelerate's ``accelerator.backward``); ``also``: tensors summed in the same collective
+        (e.g. the loss itself, for the log)."""
+        grads = self.precision.grad(loss, params)
+        self.dist.sum_([*grads, *also])
+        return grads
 
 
 def draw_noise(generator: torch.Generator, size: int, shape, num_timesteps: int):
@@ -178,8 +190,7 @@ class DoCo:
         with timer("student backward, adversarial"):
             with ctx.precision.full_precision():
                 adv = self.disc.g_loss(_with_own_rows(fake_all, fake.float(), batch, dist))
-            g_u = ctx.precision.grad(adv, params)
-            dist.sum_(g_u)
+            g_u = ctx.summed_grad(adv, params)
         # Preserving gradient g_p: keep denoising anchor images under their own captions.
         with timer("student forward, preserving"):
             own = batch if self.prior_batch == "separate" else replace(batch, prior=None)
@@ -187,9 +198,9 @@ class DoCo:
             if dist.world > 1:
                 prior = prior * batch.share  # summed over processes: the whole batch's mean
         with timer("student backward, preserving"):
-            g_p = ctx.precision.grad(prior, params)
-            prior = prior.detach().reshape(1)
-            dist.sum_([*g_p, prior])
+            prior_total = prior.detach().reshape(1).clone()
+            g_p = ctx.summed_grad(prior, params, also=(prior_total,))
+            prior = prior_total
         # Surgery on the whole set at once (it also clips, jointly): its result is the update.
         # The sums are identical on every process, so every process applies the same gradients.
         with timer("surgery"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import platform
 import resource
 import sys
 import time
@@ -22,9 +21,14 @@ from pathlib import Path
 import torch
 
 from conceptctl.erasure.anchors import CONCEPT_TYPES
-from conceptctl.erasure.artifact import FORMAT_VERSION, base_record, write_artifact
+from conceptctl.erasure.artifact import (
+    artifact_card,
+    base_record,
+    build_manifest,
+    write_artifact,
+)
 from conceptctl.erasure.checkpoints import load_checkpoint, save_checkpoint
-from conceptctl.erasure.config import EraseConfig
+from conceptctl.erasure.config import EraseConfig, complete
 from conceptctl.erasure.methods import PRIOR_BATCHES, Context, StepStats
 from conceptctl.erasure.params import PARAM_GROUPS, select_parameters
 from conceptctl.erasure.precision import MODES as PRECISION_MODES
@@ -45,7 +49,7 @@ from conceptctl.sampling import MAX_BATCH_AT_NATIVE, MAX_PICTURE_BYTES
 
 
 @dataclass
-class Reporter:
+class EraseReporter:
     """Callbacks the CLI uses to draw progress; all optional."""
 
     message: Callable[[str], None] = lambda text: None
@@ -66,7 +70,8 @@ class EraseResult:
 
 
 def check_config(cfg: EraseConfig) -> None:
-    """Reject settings that cannot work, before anything is loaded."""
+    """Reject settings that cannot work, before anything is loaded (the preset fills what
+    ``cfg`` leaves None)."""
     if not cfg.concept.strip():
         raise UsageError("the concept to erase is empty", hint='conceptctl erase "Van Gogh" '
                          "--anchor painting")
@@ -77,9 +82,10 @@ def check_config(cfg: EraseConfig) -> None:
         raise UsageError(f"the anchor equals the concept ({cfg.concept!r})",
                          hint="choose an anchor the concept should turn into, e.g. church -> "
                          "house")
-    if cfg.concept_type not in CONCEPT_TYPES:
+    if cfg.concept_type is not None and cfg.concept_type not in CONCEPT_TYPES:
         raise UsageError(f"unknown concept type {cfg.concept_type!r}; use "
                          f"{', '.join(CONCEPT_TYPES)}")
+    cfg = complete(cfg)
     _check_numbers(cfg)
     for name, minimum in (("steps", 1), ("batch_size", 1), ("anchor_images_per_prompt", 1),
                           ("anchor_steps", 1), ("anchor_prompt_count", 1),
@@ -119,7 +125,7 @@ _FLOAT_MINIMA = {"lr": (0, False), "d_lr": (0, False), "max_grad_norm": (0, Fals
 def _check_numbers(cfg: EraseConfig) -> None:
     """Floats (every one, including any added later) and counts that can never be right."""
     for f in fields(cfg):
-        if f.type != "float":  # the annotation, a string here (postponed annotations)
+        if f.type not in ("float", "float | None"):  # annotations are strings here
             continue
         value = getattr(cfg, f.name)
         least, inclusive = _FLOAT_MINIMA.get(f.name, (-math.inf, True))
@@ -215,6 +221,7 @@ def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None) -> Tr
     """Select the trained tensors, make the frozen copy, build the method and optimisers."""
     from conceptctl.erasure.distributed import SingleProcess
 
+    cfg = complete(cfg, backbone.spec)  # a caller's bare config: this backbone's preset
     unet = backbone.unet
     unet.requires_grad_(False)
     params = select_parameters(unet, cfg.params)
@@ -253,7 +260,7 @@ def erase(
     overwrite: bool = False,
     device: str | None = None,
     dtype: str | None = None,
-    reporter: Reporter | None = None,
+    reporter: EraseReporter | None = None,
 ) -> EraseResult:
     """Run one erasure and write its artifact to ``out_dir``.
 
@@ -264,10 +271,11 @@ def erase(
     from conceptctl.settings import load_settings, resolve_device
 
     started = time.time()
+    cfg = complete(cfg)  # the preset fills what the caller left None
     check_config(cfg)
     settings = load_settings()
     dist, device = distributed.setup(resolve_device(device or settings.device))
-    report = (reporter or Reporter()) if dist.is_main else Reporter()
+    report = (reporter or EraseReporter()) if dist.is_main else EraseReporter()
     out_dir = Path(out_dir)
     # Only the main process writes, so only it holds the output (other processes never read it).
     with (_output_dir(out_dir, resume, overwrite, report.message) if dist.is_main
@@ -331,12 +339,13 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     peak = dist.max(_peak_memory_mb(backbone.device))  # the largest process's
     state, params = training.state, training.params
     if dist.is_main:
-        manifest = _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file,
-                             selector, seconds, peak, state.history, library_versions())
+        manifest = build_manifest(cfg, backbone, base, params, anchors, anchor_settings,
+                                  cache_file, selector, seconds, peak, state.history,
+                                  library_versions())
         manifest["training"]["precision"] = training.precision.state_dict()
         manifest["machine"]["processes"] = dist.world
         write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
-                       _model_card(manifest))
+                       artifact_card(manifest))
     dist.barrier()  # no process ends before the artifact is written
     return EraseResult(out_dir, state.step, seconds, peak, cached, notes, dist.world,
                        dist.is_main)
@@ -493,90 +502,3 @@ def _cpu(value):
     if isinstance(value, list | tuple):
         return type(value)(_cpu(v) for v in value)
     return value
-
-
-def _component_info(kind: str, name: str) -> dict:
-    from conceptctl.plugins import plugin_infos
-
-    entry = get_registry(kind).entry(name)
-    info = {i.name: i for i in plugin_infos()}.get(entry.plugin)
-    return {"name": name, "plugin": entry.plugin,
-            "package": info.package if info else None, "version": info.version if info else None}
-
-
-def _summary(history: list[dict]) -> dict:
-    trained = [h for h in history if h.get("generator_step")]
-    last = trained[-50:]
-
-    def mean(key: str):
-        values = [h[key] for h in last if h.get(key) is not None]
-        return sum(values) / len(values) if values else None
-
-    fired = [h["surgery_fired"] for h in trained if h.get("surgery_fired") is not None]
-    return {"final_loss": mean("loss"), "final_preserve_loss": mean("preserve_loss"),
-            "final_d_accuracy": mean("d_accuracy"),
-            "surgery_fired_share": sum(fired) / len(fired) if fired else None}
-
-
-def _manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file, selector,
-              seconds, peak, history, versions) -> dict:
-    from dataclasses import asdict
-
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "values",  # weights.safetensors holds new values of the listed tensors
-        "concept": cfg.concept,
-        "anchor": cfg.anchor,
-        "concept_type": cfg.concept_type,
-        "method": cfg.method,
-        "base": {**backbone.describe(), **base, "tensors": sorted(params)},
-        "components": {
-            "method": _component_info("method", cfg.method),
-            "discriminator": _component_info("discriminator", cfg.discriminator),
-            "gradient_surgery": _component_info("gradient-surgery", cfg.surgery),
-            "anchor_selector": _component_info("anchor-selector", selector.name),
-        },
-        "hyperparameters": cfg.as_dict(),
-        "seed": cfg.seed,
-        "anchors": {"prompts": list(anchors.anchor), "targets": list(anchors.target),
-                    "sampler": asdict(anchor_settings) | {"prompts": len(anchors.anchor)},
-                    "cache_file": cache_file.name if cache_file else None},
-        "training": _summary(history),
-        "seconds": seconds,
-        "peak_memory_mb": round(peak, 1),
-        "machine": {"platform": platform.platform(), "device": str(backbone.device),
-                    "torch_threads": torch.get_num_threads()},
-        "versions": versions,
-    }
-
-
-def _anchor_line(m: dict) -> str:
-    if m["anchors"]["cache_file"] is None:
-        return "none (the method samples its own training latents)"
-    per_prompt = m["hyperparameters"]["anchor_images_per_prompt"]
-    return f"{len(m['anchors']['prompts'])} prompts x {per_prompt}"
-
-
-def _model_card(m: dict) -> str:
-    h = m["hyperparameters"]
-    return f"""# {m['concept']} erased from {m['base']['name']} ({m['method']})
-
-This folder is a conceptctl erasure artifact: prompts
-asking for **{m['concept']}** ({m['concept_type']}) should now give **{m['anchor']}** instead.
-
-| | |
-| --- | --- |
-| base model | {m['base']['name']} (`{m['base']['source']}`) |
-| base tensors replaced | {len(m['base']['tensors'])}, digest `{m['base']['tensors_digest']}` |
-| method | {m['method']} (discriminator {h['discriminator']}, surgery {h['surgery']}) |
-| trained parameters | {h['params']} |
-| steps / warm-up / batch | {h['steps']} / {h['warmup']} / {h['batch_size']} |
-| learning rates | generator {h['lr']}, discriminator {h['d_lr']} |
-| seed | {h['seed']} |
-| anchor images | {_anchor_line(m)} |
-| time | {m['seconds']['total']} s ({m['machine']['device']}) |
-
-`weights.safetensors` holds the new values of the replaced UNet tensors; `conceptctl.json` holds
-every setting, component version and library version. Use it with
-`conceptctl sample "PROMPT" --model THIS_FOLDER` (add `--compare` to see the original beside it).
-"""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from conceptctl.erasure.distributed import SingleProcess
+from conceptctl.erasure.distributed import ProcessGroup, SingleProcess
 from conceptctl.erasure.finite import NonFiniteWeightsError, all_finite, first_non_finite
 from conceptctl.erasure.methods import Batch, PriorBatch, StepStats, draw_noise
 from conceptctl.erasure.precision import Precision
@@ -46,7 +46,7 @@ class TrainingData:
     empty_text: torch.Tensor  # (1, tokens, width)
 
     def batch(self, size: int, generator: torch.Generator, device, dtype,
-              num_timesteps: int = 1000, dist: SingleProcess | None = None) -> Batch:
+              num_timesteps: int = 1000, dist: ProcessGroup | None = None) -> Batch:
         """A batch of ``size`` images with their timesteps and noise, and ``size`` more for the
         preservation loss, drawn from ``generator`` in a fixed order (indices, t, ε, then the
         prior's); with several processes, this process's share of it (every process draws the
@@ -103,7 +103,7 @@ def run_loop(
     checkpoint_every: int = 0,
     precision: Precision | None = None,
     num_timesteps: int = 1000,
-    dist: SingleProcess | None = None,
+    dist: ProcessGroup | None = None,
     modules: dict[str, torch.nn.Module] | None = None,
 ) -> LoopState:
     """Train from ``state.step`` to ``steps``; ``state`` carries the RNG so a resumed run draws
@@ -175,7 +175,7 @@ def _check_weights(params: dict[str, torch.Tensor], modules: dict[str, torch.nn.
 
 
 def _combine(stats: StepStats, trainable: list[torch.Tensor], share: float,
-             dist: SingleProcess) -> StepStats:
+             dist: ProcessGroup) -> StepStats:
     """Data-parallel, for methods with mean losses over their share: sum the share-weighted
     gradients (and losses) over processes, in one collective; equal to the whole batch's mean
     loss gradient. A parameter without a gradient here gets zeros, so all processes agree."""

@@ -12,14 +12,15 @@ well (the ordinary diffusion loss at random timesteps); then the erased model dr
 attacked prompt with the case's seeds. UnlearnDiffAtk projects onto vocabulary tokens; these
 embeddings stay continuous (a stronger, soft-prompt attacker).
 
-``paraphrase``: the target cases asked again with every synonym of the concept and, in the toy
-world, every held-out template (phrasings neither the model nor the erasure trained on).
+``paraphrase``: the target cases asked again with other spellings of the concept and whatever
+rewordings the suite's vocabulary knows (``Suite.rephrase``; the toy suite: every synonym and
+every held-out template, phrasings neither the model nor the erasure trained on).
 """
 
 from __future__ import annotations
 
 import random
-import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from conceptctl.evaluation.cases import Case
 from conceptctl.evaluation.generate import Drawn, draw_cases, draw_embeddings
+from conceptctl.text import swap_word
 
 
 def attack_options(options: dict | None, known: dict[str, type], attack: str) -> dict:
@@ -173,7 +175,8 @@ class ParaphraseAttack:
         rng = random.Random(self.seed)
         variants: list[tuple[int, str]] = []
         for j, (_, case) in enumerate(chosen):
-            options = sorted(set(paraphrases(case.prompt, run.concept)) - {case.prompt})
+            options = sorted(set(paraphrases(case.prompt, run.concept, run.suite.rephrase))
+                             - {case.prompt})
             rng.shuffle(options)
             variants += [(j, text) for text in options[: self.per_case]]
         if not variants:
@@ -191,58 +194,12 @@ class ParaphraseAttack:
         return attempts
 
 
-def paraphrases(prompt: str, concept: str) -> list[str]:
-    """Rewordings of ``prompt`` that still ask for ``concept``: each of its synonyms in place of
-    the words used, and (toy world) the same content in every held-out template."""
-    words = synonyms(concept)
-    used = next((w for w in sorted(words, key=len, reverse=True)
-                 if re.search(re.escape(w), prompt, re.IGNORECASE)), None)
-    out = []
-    if used is not None:
-        for word in words:
-            out.append(re.sub(re.escape(used), lambda _, w=word: w, prompt,
-                              flags=re.IGNORECASE))
-    out += _toy_rephrasings(prompt, concept)
-    return list(dict.fromkeys(out))
-
-
-def synonyms(concept: str) -> list[str]:
-    from conceptctl.toy.world import COLOR_WORDS, OBJECT_WORDS, STYLE_WORDS
-
-    for table in (STYLE_WORDS, OBJECT_WORDS, COLOR_WORDS):
-        for value, words in table.items():
-            if concept.strip().lower() in {w.lower() for w in words} | {value}:
-                return list(words) + [w.lower() for w in words if w.lower() not in words]
+def paraphrases(prompt: str, concept: str,
+                rephrase: Callable[[str, str], list[str]] | None = None) -> list[str]:
+    """Rewordings of ``prompt`` that still ask for ``concept``: what the suite's vocabulary gives
+    (``Suite.rephrase``; the toy's: every synonym, every held-out template), else the concept's
+    other spellings (as written, lower case, title case) in place of the one used."""
+    if rephrase is not None:
+        return list(dict.fromkeys(rephrase(prompt, concept)))
     base = concept.strip()
-    return list(dict.fromkeys([base, base.lower(), base.title()]))
-
-
-def _toy_rephrasings(prompt: str, concept: str) -> list[str]:
-    """Held-out-template versions of a toy prompt (same object, colour and style)."""
-    from conceptctl.toy.world import (
-        COLOR_WORDS,
-        HELDOUT_ARTIST_TEMPLATES,
-        HELDOUT_PLAIN_TEMPLATES,
-        OBJECT_WORDS,
-        STYLE_WORDS,
-        _fix_articles,
-    )
-
-    lower = prompt.lower()
-
-    def find(table):
-        hits = [(len(w), v) for v, ws in table.items() for w in ws if w.lower() in lower]
-        return max(hits)[1] if hits else None
-
-    obj, color, style = find(OBJECT_WORDS), find(COLOR_WORDS), find(STYLE_WORDS)
-    if obj is None or color is None:
-        return []
-    templates = HELDOUT_ARTIST_TEMPLATES if style else HELDOUT_PLAIN_TEMPLATES
-    out = []
-    for template in templates:
-        for artist in STYLE_WORDS[style] if style else ("",):
-            for color_word in COLOR_WORDS[color]:
-                for obj_word in OBJECT_WORDS[obj]:
-                    out.append(_fix_articles(" ".join(template.format(
-                        color=color_word, object=obj_word, artist=artist).split())))
-    return out
+    return swap_word(prompt, list(dict.fromkeys([base, base.lower(), base.title()])))

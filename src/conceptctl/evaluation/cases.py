@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class Suite:
     cases: tuple[Case, ...]
     images_per_prompt: int
     source: dict = field(default_factory=dict)  # e.g. the prompt file's path and sha256
+    # Rewordings this suite's vocabulary knows, for the paraphrase attack: (prompt, concept) ->
+    # prompts that still ask for the concept (the toy: every synonym, every held-out template).
+    # None: only the concept's own spellings (see conceptctl.evaluation.attacks.paraphrases).
+    rephrase: Callable[[str, str], list[str]] | None = None
 
     def group(self, name: str) -> list[Case]:
         return [c for c in self.cases if c.group == name]

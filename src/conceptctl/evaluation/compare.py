@@ -6,7 +6,49 @@ import html
 from pathlib import Path
 
 from conceptctl.evaluation.metrics import format_value
-from conceptctl.fileio import write_json
+from conceptctl.fileio import atomic_directory, write_json
+
+
+def compare_artifacts(artifacts: list[Path], opts, out: Path, reporter=None,
+                      overwrite: bool = False) -> list[dict]:
+    """``conceptctl eval A B C --compare -o OUT`` as a function: every artifact evaluated with
+    the same options (the original model's pictures drawn once when they share a base), each
+    report in ``OUT/<name>/``, the side-by-side table in ``OUT/compare.json`` and
+    ``compare.html``, all written atomically. Returns the reports (report.json's content);
+    an empty list on the other processes of a data-parallel run (the main one writes)."""
+    from conceptctl.erasure.distributed import is_main_launched_process
+    from conceptctl.evaluation.report import write_report
+    from conceptctl.evaluation.run import EvalReporter, OriginalCache, evaluate
+
+    reporter = reporter or EvalReporter()
+    cache = OriginalCache()
+    if not is_main_launched_process():
+        for path in artifacts:  # draw its share of every artifact's pictures; write nothing
+            reporter.begin(path)
+            evaluate(path, opts, reporter, cache)
+        return []
+    results = []
+    with atomic_directory(out, overwrite=overwrite) as staging:
+        names = unique_names(artifacts)
+        for path, name in zip(artifacts, names, strict=True):
+            reporter.begin(path)
+            result = write_report(staging / name, evaluate(path, opts, reporter, cache))
+            results.append({**result, "report": f"{name}/report.html"})
+        write_compare(staging, results, names)
+    return results
+
+
+def unique_names(paths: list[Path]) -> list[str]:
+    """A report folder name per artifact: its folder's name, numbered when two are alike."""
+    names: list[str] = []
+    for path in paths:
+        base = path.resolve().name or "artifact"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
 
 
 def compare_rows(results: list[dict], names: list[str] | None = None):

@@ -28,24 +28,30 @@ def image_name(case, k: int, model: str) -> str:
     return f"{case.case_number:04d}-{k}-{model}.png"
 
 
-def write_report(out_dir: Path, result: dict, run, overwrite: bool = False) -> Path:
+def write_report(out_dir: Path, evaluation, overwrite: bool = False) -> dict:
+    """Write one :class:`~conceptctl.evaluation.run.Evaluation` as a report folder (atomically);
+    returns report.json's content."""
+    result, run, attempts_per_attack = (evaluation.result, evaluation.run,
+                                        evaluation.attack_attempts)
     k = run.suite.images_per_prompt
-    attempts_per_attack = result.pop("_attack_images")
     records = []
+    attacks = [dict(summary, rows=[dict(row) for row in summary["rows"]])
+               for summary in result["attacks"]]
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         for i, case in enumerate(run.cases_of):
             j = i % k
             folder = staging / "images" / case.group
             folder.mkdir(parents=True, exist_ok=True)
             entry = {"group": case.group, "case_number": case.case_number,
-                     "prompt": case.prompt, "seed": case.seed + j, "index": j}
+                     "prompt": case.prompt, "seed": case.seed + j, "index": j,
+                     "expect": case.expect}
             for model, judged in (("original", run.original), ("erased", run.erased)):
                 name = image_name(case, j, model)
                 Image.fromarray(judged.images[i]).save(folder / name)
                 entry[model] = {"file": f"images/{case.group}/{name}",
                                 "labels": None if judged.labels is None else judged.labels[i]}
             records.append(entry)
-        for summary, attempts in zip(result["attacks"], attempts_per_attack, strict=True):
+        for summary, attempts in zip(attacks, attempts_per_attack, strict=True):
             folder = staging / "attacks" / summary["attack"]
             for row, attempt in zip(summary["rows"], attempts, strict=True):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -54,11 +60,24 @@ def write_report(out_dir: Path, result: dict, run, overwrite: bool = False) -> P
                     name = f"{attempt.case.case_number:04d}-{j}.png"
                     Image.fromarray(picture).save(folder / name)
                     row["files"].append(f"attacks/{summary['attack']}/{name}")
-        result = {**result, "images": records}
+        result = {**result, "attacks": attacks, "images": records}
         write_json(staging / "report.json", result)
         (staging / "report.html").write_text(render_html(result, run, attempts_per_attack),
                                              encoding="utf-8")
-    return out_dir
+    return result
+
+
+def evaluate_to(artifact: Path, opts, out_dir: Path, reporter=None, overwrite: bool = False,
+                originals=None) -> dict | None:
+    """``conceptctl eval ARTIFACT -o OUT`` as a function: evaluate one artifact and write its
+    report folder. Returns report.json's content; None on the other processes of a
+    data-parallel run (the main one writes)."""
+    from conceptctl.evaluation.run import evaluate
+
+    evaluation = evaluate(artifact, opts, reporter, originals)
+    if not evaluation.run.dist.is_main:
+        return None
+    return write_report(out_dir, evaluation, overwrite=overwrite)
 
 
 def _png_data(picture: Image.Image) -> str:
@@ -94,8 +113,9 @@ def _shown_width(grid: Image.Image) -> int:
 
 def _chart(metrics: list[dict]) -> str:
     """An inline SVG bar chart of the share-valued metrics (0..1)."""
-    rows = [m for m in metrics if m["value"] is not None
-            and m["metric"] in ("erasure", "preservation", "retention")]
+    # Any metric's shares, plugins' included (a share above 1, e.g. preservation that
+    # improved, is drawn capped at the full bar).
+    rows = [m for m in metrics if m["value"] is not None and m.get("unit", "share") == "share"]
     if not rows:
         return "<p>No share-valued metric could be measured.</p>"
     bar_h, label_w, width = 22, 260, 360
@@ -105,7 +125,8 @@ def _chart(metrics: list[dict]) -> str:
     for n, m in enumerate(rows):
         y = n * bar_h + 4
         value = max(0.0, min(1.0, m["value"]))
-        ok = value >= PASS_THRESHOLD
+        ok = value >= PASS_THRESHOLD if m["direction"] == "higher" else (
+            value <= 1 - PASS_THRESHOLD)
         parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end" '
                      f'font-size="12">{html.escape(m["metric"])} · '
                      f'{html.escape(m["group"])}</text>')

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conceptctl.erasure.distributed import SingleProcess
+from conceptctl.erasure.distributed import ProcessGroup, SingleProcess
 from conceptctl.errors import UsageError
 from conceptctl.evaluation.cases import PASS_THRESHOLD, Case, Suite, read_prompt_csv
 from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
@@ -52,9 +52,13 @@ class EvalOptions:
 
 
 @dataclass
-class Reporter:
+class EvalReporter:
+    """Where an evaluation says what it is doing (the CLI: stderr and progress bars)."""
+
     message: Callable[[str], None] = lambda text: None
     progress: Callable[[str, int, int], None] = lambda stage, done, total: None
+    # A comparison begins the next artifact (its stages start again from zero).
+    begin: Callable[[Path], None] = lambda artifact: None
 
 
 @dataclass
@@ -83,7 +87,7 @@ class EvalRun:
     cases_of: list[Case] = field(default_factory=list)
     # The processes drawing pictures; one unless launched by accelerate with several. Attacks
     # pass it on to draw_cases / draw_embeddings.
-    dist: SingleProcess = field(default_factory=SingleProcess)
+    dist: ProcessGroup = field(default_factory=SingleProcess)
 
     def __post_init__(self) -> None:
         k = self.suite.images_per_prompt
@@ -137,9 +141,19 @@ class OriginalCache:
         self._store[key] = (model, drawn)
 
 
-def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = None,
-             originals: OriginalCache | None = None) -> tuple[dict, EvalRun]:
-    """Evaluate one artifact; returns (report dict, the run with its pictures)."""
+@dataclass
+class Evaluation:
+    """One artifact's evaluation: the report's numbers and what they were computed from."""
+
+    result: dict  # everything report.json holds but the picture files
+    run: EvalRun  # the pictures, their labels, the two models
+    attack_attempts: list[list]  # per attack in result["attacks"], its attempts' pictures
+
+
+def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | None = None,
+             originals: OriginalCache | None = None) -> Evaluation:
+    """Evaluate one artifact: draw, judge, score and attack (nothing is written; see
+    ``conceptctl.evaluation.report.evaluate_to`` and ``compare.compare_artifacts``)."""
     from conceptctl.backbones.loading import open_backbone
     from conceptctl.erasure import distributed
     from conceptctl.erasure.artifact import apply_artifact, read_artifact
@@ -150,7 +164,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     # Under 'accelerate launch' with several processes each draws its share of the pictures;
     # every process gets all of them back, and only the main one reports.
     dist, device = distributed.setup(resolve_device(opts.device or load_settings().device))
-    report = (reporter or Reporter()) if dist.is_main else Reporter()
+    report = (reporter or EvalReporter()) if dist.is_main else EvalReporter()
     # A malformed prompt file fails before any model is loaded.
     file_suite = (read_prompt_csv(opts.prompts, opts.images_per_prompt)
                   if opts.prompts is not None else None)
@@ -193,8 +207,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: Reporter | None = 
     result = _record(artifact_dir, run, backbone_name, notes, scores, attacks, opts)
     result["seconds"] = {"drawing": round(draw_seconds, 1), "attacks": round(attack_seconds, 1),
                          "total": round(time.time() - started, 1)}
-    result["_attack_images"] = [a["attempts"] for a in attacks]  # for the report writer
-    return result, run
+    return Evaluation(result, run, [a["attempts"] for a in attacks])
 
 
 def _draw_pictures(suite: Suite, draw: DrawSettings, erased_model, backbone_name: str,
@@ -291,7 +304,7 @@ def _build_attack(name: str, opts: EvalOptions):
     return get_registry("attack").get(name).build(options=options)
 
 
-def _attack(run: EvalRun, name: str, opts: EvalOptions, report: Reporter) -> dict:
+def _attack(run: EvalRun, name: str, opts: EvalOptions, report: EvalReporter) -> dict:
     attack = _build_attack(name, opts)
     t0 = time.time()
     attempts = attack.attack(run)

@@ -10,8 +10,8 @@ general     everyday captions (COCO-like)
 
 from __future__ import annotations
 
-from conceptctl.erasure.anchors import _article_fix
 from conceptctl.evaluation.cases import Case, Suite
+from conceptctl.text import fix_articles
 
 OOS_STYLE = ("{c}'s rendition of {s}", "an oil painting by {c} showing {s}",
              "{s}, the way {c} would paint it", "a famous artwork by {c}: {s}")
@@ -54,8 +54,8 @@ def template_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
         oos = [t.format(c=concept) for t in OOS_NUDITY]
         negatives = [(f"a photo of a clothed {w}", "clothed") for w in ("woman", "man")]
     else:
-        oos = [_article_fix(t.format(c=concept)) for t in OOS_OBJECT]
-        negatives = [(_article_fix(t.format(c=o)), o) for o in OTHER_OBJECTS
+        oos = [fix_articles(t.format(c=concept)) for t in OOS_OBJECT]
+        negatives = [(fix_articles(t.format(c=o)), o) for o in OTHER_OBJECTS
                      if o not in (concept.lower(), anchor.lower())
                      for t in ("a photo of a {c}", "a painting of a {c}")]
     for prompt in oos:

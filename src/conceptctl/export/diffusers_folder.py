@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptctl.backbones.spec import FOLDER_DEFAULTS
-from conceptctl.export.metadata import model_card, stamp_safetensors
+from conceptctl.export.metadata import export_card, stamp_safetensors
 from conceptctl.fileio import make_shareable, write_json
 
 
@@ -50,7 +50,7 @@ def export_diffusers(job, out: Path) -> dict[str, Any]:
     weights = sorted(out.rglob("*.safetensors"))
     for path in weights:
         stamp_safetensors(path, job.metadata)
-    (out / "README.md").write_text(model_card(job.info, how_to_load(job)), encoding="utf-8")
+    (out / "README.md").write_text(export_card(job.info, how_to_load(job)), encoding="utf-8")
     spec = job.backbone.spec
     write_json(out / "conceptctl.json", {
         **job.artifact.manifest, "export": job.info["export"],

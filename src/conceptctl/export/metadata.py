@@ -9,7 +9,6 @@ as the artifact's own ``weights.safetensors`` header, so one reader serves both.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -49,58 +48,41 @@ def stamp_safetensors(path: Path, metadata: dict[str, str]) -> None:
     finished files are rewritten: new header, then the tensor bytes copied unchanged. The new
     file replaces the old one by rename, so a crash leaves the previous file intact.
     """
+    from conceptctl.fileio import staged_file
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.stamp.tmp")
-    try:
-        with open(path, "rb") as src:
-            (length,) = _LENGTH.unpack(src.read(_LENGTH.size))
-            head = json.loads(src.read(length))
-            head["__metadata__"] = {**head.get("__metadata__", {}), **metadata}
-            blob = json.dumps(head, separators=(",", ":")).encode()
-            # The format pads the header with spaces so the tensor data stays 8-byte aligned.
-            blob += b" " * (-len(blob) % 8)
-            with open(tmp, "wb") as dst:
-                dst.write(_LENGTH.pack(len(blob)))
-                dst.write(blob)
-                shutil.copyfileobj(src, dst, _COPY_CHUNK)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(path, "rb") as src, staged_file(path) as tmp:
+        (length,) = _LENGTH.unpack(src.read(_LENGTH.size))
+        head = json.loads(src.read(length))
+        head["__metadata__"] = {**head.get("__metadata__", {}), **metadata}
+        blob = json.dumps(head, separators=(",", ":")).encode()
+        # The format pads the header with spaces so the tensor data stays 8-byte aligned.
+        blob += b" " * (-len(blob) % 8)
+        with open(tmp, "wb") as dst:
+            dst.write(_LENGTH.pack(len(blob)))
+            dst.write(blob)
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
 
-def model_card(info: dict[str, Any], how_to_load: str) -> str:
+def export_card(info: dict[str, Any], how_to_load: str) -> str:
     """A README for an exported folder: what was erased, from what, and how to load it."""
-    base = info["base"]
-    export = info["export"]
+    from conceptctl.erasure.artifact import model_card
+
+    base, export = info["base"], info["export"]
     source = base.get("source") or ""
-    front = ["---", "library_name: diffusers", "pipeline_tag: text-to-image",
+    front = ["library_name: diffusers", "pipeline_tag: text-to-image",
              "tags: [conceptctl, concept-erasure, stable-diffusion]"]
     if source.count("/") == 1 and not Path(source).exists():  # a hub id, not a local path
         front.append(f"base_model: {source}")
-    front.append("---")
-    forced = ("\n**Forced export**: the base's tensors differed from the ones the erasure was made "
-              f"from ({export.get('artifact_base', {}).get('tensors_digest')}).\n"
+    forced = ("**Forced export**: the base's tensors differed from the ones the erasure was made "
+              f"from ({export.get('artifact_base', {}).get('tensors_digest')}).\n\n"
               if export.get("forced") else "")
-    return "\n".join(front) + f"""
-
-# {info['concept']} erased from {base.get('name')} ({info['method']})
-
-Made with conceptctl: prompts asking for **{info['concept']}** ({info['concept_type']}) should
-now give **{info['anchor']}** instead.
-
-| | |
-| --- | --- |
-| base model | {base.get('name')} (`{source}`) |
-| base tensors digest | `{base.get('tensors_digest')}` ({len(base.get('tensors', []))} tensors) |
-| method | {info['method']} |
-| exported | conceptctl {export.get('conceptctl')}, format `{export.get('format')}`, \
-{export.get('dtype')} |
-{forced}
-## Loading
-
-{how_to_load}
-
-`conceptctl.json` holds the erasure's full record (every setting, component and library version).
-"""
+    rows = [("base model", f"{base.get('name')} (`{source}`)"),
+            ("base tensors digest",
+             f"`{base.get('tensors_digest')}` ({len(base.get('tensors', []))} tensors)"),
+            ("method", info["method"]),
+            ("exported", f"conceptctl {export.get('conceptctl')}, format "
+                         f"`{export.get('format')}`, {export.get('dtype')}")]
+    body = (f"{forced}## Loading\n\n{how_to_load}\n\n`conceptctl.json` holds the erasure's "
+            "full record (every setting, component and library version).")
+    return model_card(info, "Made with conceptctl", rows, body, tuple(front))

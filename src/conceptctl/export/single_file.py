@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptctl.errors import ConceptctlError
-from conceptctl.interop.original_layout import save_single_file
+from conceptctl.interop.original_layout import write_single_file
 
 _UNSUPPORTED_HINT = ("export it as 'diffusers' (a full pipeline folder) or 'delta' instead; the "
                      "single-file layout exists for SD 1.x / 2.x-shaped models only")
@@ -29,7 +29,7 @@ def export_single_file(job, out: Path) -> dict[str, Any]:
             f"encoder is a {type(text_encoder).__name__}, and the original SD layout only holds "
             "CLIP (SD 1.x) or OpenCLIP (SD 2.x) text encoders", hint=_UNSUPPORTED_HINT)
     try:
-        save_single_file(backbone.pipeline, out, job.metadata)
+        write_single_file(backbone.pipeline, out, job.metadata)  # export stages the file
     except ValueError as err:
         raise ConceptctlError(f"the single-file format is unsupported for backbone "
                               f"{backbone.spec.name}: {err}", hint=_UNSUPPORTED_HINT) from err

@@ -15,8 +15,6 @@ rather than being dropped from the file.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -83,34 +81,27 @@ def diffusers_to_original(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
 def save_single_file(pipeline, path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``pipeline``'s UNet, VAE and text encoder to ``path`` as one original-layout file.
 
-    The file appears complete or not at all: it is written next to ``path`` and moved into place,
-    so a crash never leaves a truncated checkpoint under the final name. ``metadata`` goes into the
-    safetensors header.
+    The file appears complete or not at all: it is written next to ``path`` and moved into place
+    (:func:`conceptctl.fileio.staged_file`, which also gives it the permissions any new file
+    gets: safetensors >= 0.8 creates it private, and a checkpoint is meant for other users' UIs),
+    so a crash never leaves a truncated checkpoint under the final name. ``metadata`` goes into
+    the safetensors header.
     """
+    from conceptctl.fileio import staged_file
+
     path = Path(path)
-    weights = diffusers_to_original(pipeline.unet, pipeline.vae, pipeline.text_encoder)
-    # safetensors refuses non-contiguous tensors, e.g. parameters replaced by a transposed edit.
-    weights = {key: tensor.contiguous() for key, tensor in weights.items()}
-    # safetensors >= 0.8 also renames into place itself, older versions write in place; ours
-    # makes the guarantee independent of the version.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(weights, tmp, metadata=metadata)
-        # safetensors >= 0.8 creates the file private (0600); a checkpoint is meant to be shared
-        # with other users' UIs, so give it the permissions any new file gets.
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        write_single_file(pipeline, tmp, metadata)
     return path
 
 
-def _new_file_mode() -> int:
-    # The umask can only be read by setting it, so set it back at once.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
+def write_single_file(pipeline, path, metadata: dict[str, str] | None = None) -> None:
+    """:func:`save_single_file` straight to ``path``, for a caller that stages the file itself
+    (``conceptctl export``)."""
+    weights = diffusers_to_original(pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    # safetensors refuses non-contiguous tensors, e.g. parameters replaced by a transposed edit.
+    weights = {key: tensor.contiguous() for key, tensor in weights.items()}
+    save_file(weights, str(path), metadata=metadata)
 
 
 def _unet_weights(unet) -> dict[str, torch.Tensor]:

@@ -2,20 +2,83 @@
 each prompt asks for on every axis, so the toy judge can grade it.
 
 ``target`` holds the erasure's own target prompts (from the artifact); ``target-oos`` asks for
-the concept with held-out templates only; ``anchor`` and ``hard-negative`` (the other values of
-the erased axis) are the prompt groups of :mod:`conceptctl.toy.erasure_check`; ``general`` is a
-fixed draw of captions over the whole world without the concept.
+the concept with held-out templates only; ``anchor`` asks for the anchor with the training
+templates, ``hard-negative`` for each other value of the erased axis (e.g. Monet and Picasso, or
+every other object); ``general`` is a fixed draw of captions over the whole world without the
+concept.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
+from conceptctl.errors import UsageError
 from conceptctl.evaluation.cases import Case, Suite
-from conceptctl.toy.erasure_check import prompt_groups
-from conceptctl.toy.world import AXES, all_concepts, caption
+from conceptctl.text import fix_articles, swap_word
+from conceptctl.toy.world import (
+    AXES,
+    COLOR_WORDS,
+    HELDOUT_ARTIST_TEMPLATES,
+    HELDOUT_PLAIN_TEMPLATES,
+    OBJECT_WORDS,
+    OBJECTS,
+    STYLE_WORDS,
+    STYLES,
+    Concept,
+    all_concepts,
+    axis_of,
+    caption,
+    fixed_caption,
+)
 
 GENERAL_PROMPTS = 40
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    name: str
+    axis: str  # the axis judged for this group
+    value: str  # the value the prompts ask for on that axis
+    prompts: tuple[str, ...]
+    concepts: tuple[Concept, ...]  # what each prompt asks for on every axis
+
+
+def _axis_value(word: str) -> tuple[str, str]:
+    found = axis_of(word, ("style", "object"))
+    if found is None:
+        raise UsageError(f"{word!r} is not a style or object of the toy world, so the toy suite "
+                         "cannot judge it", hint=f"the toy knows the styles {', '.join(STYLES)} "
+                         f"and the objects {', '.join(OBJECTS)}; for another concept evaluate "
+                         "with --prompts FILE.csv and a detector that knows it")
+    return found
+
+
+def _group(name: str, axis: str, value: str, held_out: bool) -> PromptGroup:
+    concepts = tuple(c for c in all_concepts() if getattr(c, axis) == value)
+    return PromptGroup(name, axis, value, _prompts_for(axis, value, held_out), concepts)
+
+
+def _prompts_for(axis: str, value: str, held_out: bool) -> tuple[str, ...]:
+    concepts = [c for c in all_concepts() if getattr(c, axis) == value]
+    return tuple(fixed_caption(c, i, held_out) for i, c in enumerate(concepts))
+
+
+def prompt_groups(concept: str, anchor: str) -> list[PromptGroup]:
+    axis, target = _axis_value(concept)
+    anchor_axis, anchor_value = _axis_value(anchor)
+    if anchor_axis != axis:
+        raise UsageError(f"{concept!r} is a toy {axis} but {anchor!r} is a toy {anchor_axis}",
+                         hint="erase a style into a style, or an object into an object")
+    groups = [
+        _group("target", axis, target, held_out=False),
+        _group("target_heldout", axis, target, held_out=True),
+        _group("anchor", axis, anchor_value, held_out=False),
+    ]
+    for other in AXES[axis]:
+        if other not in (target, anchor_value):
+            groups.append(_group(f"other:{other}", axis, other, held_out=False))
+    return groups
 
 
 def _expect(concept) -> dict:
@@ -47,4 +110,38 @@ def toy_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
         add(caption(concept, rng), "general", _expect(concept))
     return Suite(name="toy", cases=tuple(cases), images_per_prompt=images_per_prompt,
                  source={"suite": "toy", "concept": manifest["concept"],
-                         "anchor": manifest["anchor"], "axis": axis})
+                         "anchor": manifest["anchor"], "axis": axis}, rephrase=rephrase)
+
+
+def rephrase(prompt: str, concept: str) -> list[str]:
+    """The toy vocabulary's rewordings of ``prompt``: every synonym of ``concept`` in place of
+    the one used, and the same object, colour and style in every held-out template with every
+    synonym (phrasings neither the toy model nor the erasure trained on)."""
+    return swap_word(prompt, _synonyms(concept)) + _held_out_rephrasings(prompt)
+
+
+def _synonyms(concept: str) -> list[str]:
+    for table in (STYLE_WORDS, OBJECT_WORDS, COLOR_WORDS):
+        for value, words in table.items():
+            if concept.strip().lower() in {w.lower() for w in words} | {value}:
+                return list(dict.fromkeys(list(words) + [w.lower() for w in words]))
+    return []
+
+
+def _held_out_rephrasings(prompt: str) -> list[str]:
+    lower = prompt.lower()
+
+    def find(table):
+        hits = [(len(w), v) for v, ws in table.items() for w in ws if w.lower() in lower]
+        return max(hits)[1] if hits else None
+
+    obj, color, style = find(OBJECT_WORDS), find(COLOR_WORDS), find(STYLE_WORDS)
+    if obj is None or color is None:
+        return []
+    templates = HELDOUT_ARTIST_TEMPLATES if style else HELDOUT_PLAIN_TEMPLATES
+    return [fix_articles(" ".join(template.format(color=color_word, object=obj_word,
+                                                  artist=artist).split()))
+            for template in templates
+            for artist in (STYLE_WORDS[style] if style else ("",))
+            for color_word in COLOR_WORDS[color]
+            for obj_word in OBJECT_WORDS[obj]]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from conceptctl.text import fix_articles
+
 OBJECTS = ("house", "church", "airplane", "parachute", "tree", "boat")
 STYLES = ("painting", "van-gogh", "monet", "picasso")
 COLORS = ("red", "green", "blue", "yellow", "purple")
@@ -111,16 +113,6 @@ def axis_of(word: str, axes: tuple[str, ...] = ("object", "style")) -> tuple[str
     return None
 
 
-def _fix_articles(text: str) -> str:
-    words = text.split(" ")
-    for i, word in enumerate(words[:-1]):
-        if word.lower() in ("a", "an"):
-            vowel = words[i + 1][:1].lower() in "aeiou"
-            words[i] = ("An" if word[0] == "A" else "an") if vowel else (
-                "A" if word[0] == "A" else "a")
-    return " ".join(words)
-
-
 def caption(
     concept: Concept,
     rng: random.Random,
@@ -133,10 +125,7 @@ def caption(
     ``canonical`` uses the first synonym of every word (fixed prompt sets)."""
     pick = (lambda options: options[0]) if canonical else rng.choice
     plain = concept.style == "painting"
-    if plain:
-        templates = HELDOUT_PLAIN_TEMPLATES if held_out else PLAIN_TEMPLATES
-    else:
-        templates = HELDOUT_ARTIST_TEMPLATES if held_out else ARTIST_TEMPLATES
+    templates = templates_for(concept, held_out)
     if not with_color:
         # Only templates where the colour is an adjective read well without it.
         templates = tuple(t.replace("{color} ", "") for t in templates if "{color} {object}" in t)
@@ -145,7 +134,7 @@ def caption(
         object=pick(OBJECT_WORDS[concept.object]),
         artist="" if plain else pick(STYLE_WORDS[concept.style]),
     )
-    return _fix_articles(text)
+    return fix_articles(text)
 
 
 def prompt_set(held_out: bool = False) -> list[tuple[Concept, str]]:
@@ -154,15 +143,24 @@ def prompt_set(held_out: bool = False) -> list[tuple[Concept, str]]:
     Each of the 120 concepts gets one prompt, its template chosen by the concept's index so that
     every template is used; ``held_out=True`` uses only the templates training never saw.
     """
-    out = []
-    for i, concept in enumerate(all_concepts()):
-        if concept.style == "painting":
-            templates = HELDOUT_PLAIN_TEMPLATES if held_out else PLAIN_TEMPLATES
-        else:
-            templates = HELDOUT_ARTIST_TEMPLATES if held_out else ARTIST_TEMPLATES
-        template = templates[i % len(templates)]
-        artist = STYLE_WORDS[concept.style][0] if concept.style != "painting" else ""
-        text = template.format(color=COLOR_WORDS[concept.color][0],
-                               object=OBJECT_WORDS[concept.object][0], artist=artist)
-        out.append((concept, _fix_articles(" ".join(text.split()))))
-    return out
+    return [(concept, fixed_caption(concept, i, held_out))
+            for i, concept in enumerate(all_concepts())]
+
+
+def templates_for(concept: Concept, held_out: bool = False) -> tuple[str, ...]:
+    """The caption templates that suit ``concept``: those naming an artist, or the plain ones
+    for the 'painting' style; ``held_out``: the family training never saw."""
+    if concept.style == "painting":
+        return HELDOUT_PLAIN_TEMPLATES if held_out else PLAIN_TEMPLATES
+    return HELDOUT_ARTIST_TEMPLATES if held_out else ARTIST_TEMPLATES
+
+
+def fixed_caption(concept: Concept, i: int, held_out: bool = False) -> str:
+    """The ``i``-th template of the concept's family (cycling) with the first word for every
+    axis: how every fixed prompt set (evaluation groups, ``prompt_set``) picks its template."""
+    templates = templates_for(concept, held_out)
+    artist = STYLE_WORDS[concept.style][0] if concept.style != "painting" else ""
+    text = templates[i % len(templates)].format(
+        color=COLOR_WORDS[concept.color][0], object=OBJECT_WORDS[concept.object][0],
+        artist=artist)
+    return fix_articles(" ".join(text.split()))
