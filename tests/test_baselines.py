@@ -68,6 +68,32 @@ def test_plan_gives_each_method_its_recipe_unless_a_flag_overrides_it(monkeypatc
     assert plan("church", "house", "toy", batch_size=4, lr=3e-4).lr == 3e-4
 
 
+def test_a_plugin_method_brings_its_own_recipe(monkeypatch, tmp_path):
+    """A method's recipe travels with its registration: a plugin's method gets its own steps
+    and rate per image, over DoCo's preset, and flags still win."""
+    from conceptctl.components import Component
+    from conceptctl.erasure.config import plan
+    from conceptctl.hookspecs import hookimpl
+    from conceptctl.plugins import register_plugin, unregister_plugin
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            register(Component("mine", object, "a test method",
+                               recipe={"steps": 7, "lr_per_image": 1e-3, "params": "full"}))
+
+    monkeypatch.setenv("CONCEPTCTL_HOME", str(tmp_path))
+    register_plugin(Plugin(), "recipe-plugin")
+    try:
+        mine = plan("church", "house", "sd-1.4", method="mine")
+        assert (mine.steps, mine.params, mine.batch_size) == (7, "full", 8)
+        assert mine.lr == pytest.approx(8e-3)
+        assert mine.anchor_steps == 25  # the rest is DoCo's SD preset
+        assert plan("church", "house", "sd-1.4", method="mine", steps=9).steps == 9
+    finally:
+        unregister_plugin("recipe-plugin")
+
+
 def test_a_bare_config_completes_to_the_backbone_preset(monkeypatch, tmp_path):
     """erase(EraseConfig("church", "house"), out) from Python on the toy trains the toy's 400
     steps, not SD's 2000: erase() completes the config as the CLI does."""

@@ -25,6 +25,10 @@ class Component:
     # Methods only: False for a method that makes its own training latents (ESD samples them
     # from the model): the run then draws no anchor images and the method's steps get no batch.
     uses_anchor_images: bool = True
+    # Methods only: the method's own recipe over DoCo's preset, as EraseConfig settings (plus
+    # ``lr_per_image``, the UNet rate per image of the batch): its authors' steps, batch, rate
+    # and trained tensors. Flags still override it; None: DoCo's recipe.
+    recipe: dict | None = None
 
     def build(self, **kwargs: Any) -> Any:
         return self.factory(**kwargs)

@@ -1,6 +1,7 @@
 """Built-in erasure components: methods, discriminators, gradient surgeries, anchor selectors."""
 
 from conceptctl.components import Component
+from conceptctl.erasure.config import CA_RECIPE, ESD_X_RECIPE
 from conceptctl.hookspecs import hookimpl
 
 
@@ -111,9 +112,10 @@ def _prompt_file(config, backbone):
 @hookimpl
 def register_methods(register):
     register(Component("doco", _doco, "DoCo: adversarial domain correction + gradient surgery"))
-    register(Component("ca", _ca, "Ablating Concepts (model-based), the authors' recipe"))
+    register(Component("ca", _ca, "Ablating Concepts (model-based), the authors' recipe",
+                       recipe=CA_RECIPE))
     register(Component("esd-x", _esd_x, "ESD on cross-attention, the authors' recipe",
-                       uses_anchor_images=False))
+                       uses_anchor_images=False, recipe=ESD_X_RECIPE))
     register(Component("ca-doco-recipe", _ca_doco_recipe,
                        "CA's loss (frozen target + DoCo's prior) with DoCo's recipe"))
     register(Component("esd-x-doco-recipe", _esd_x_doco_recipe,

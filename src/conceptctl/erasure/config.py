@@ -96,8 +96,9 @@ TYPE_PRESETS: dict[str, dict] = {
     "nudity": dict(d_lr=1e-4),
 }
 
-# The baselines' own recipes, on every backbone and concept type, over the preset above (whose
-# anchor-image settings they keep). Sources, quoted in docs/erase.md:
+# The baselines' own recipes, carried by their method registrations (Component.recipe) and laid
+# over the preset above on every backbone and concept type (they keep its anchor-image
+# settings). Sources, quoted in docs/erase.md:
 # - ca: nupurkmr9/concept-ablation diffusers/README.md + diffusers/train.py: model-based loss,
 #   --parameter_group cross-attn (attn2.to_k/to_v), --learning_rate 2e-6 --scale_lr with
 #   batch 4 on the 2 GPUs the README recommends (8 images a step), --max_train_steps 100,
@@ -106,23 +107,37 @@ TYPE_PRESETS: dict[str, dict] = {
 #   parameter ('xattn'), Adam at lr 1e-5, batch 1, 1000 iterations, negative guidance 1, x_t
 #   from DDIM (50 steps, guidance 3) partly sampling the concept with the model being trained,
 #   no gradient clip.
-METHOD_PRESETS: dict[str, dict] = {
-    "ca": dict(steps=100, warmup=0, batch_size=8, lr_per_image=2e-6, params="cross-attn-kv",
-               weight_decay=1e-2, max_grad_norm=1.0, checkpointing_steps=50),
-    "esd-x": dict(steps=1000, warmup=0, batch_size=1, lr_per_image=1e-5, params="cross-attn",
-                  weight_decay=0.0, esd_eta=1.0, esd_sampling_steps=50, checkpointing_steps=250),
-}
+CA_RECIPE: dict = dict(steps=100, warmup=0, batch_size=8, lr_per_image=2e-6,
+                       params="cross-attn-kv", weight_decay=1e-2, max_grad_norm=1.0,
+                       checkpointing_steps=50)
+ESD_X_RECIPE: dict = dict(steps=1000, warmup=0, batch_size=1, lr_per_image=1e-5,
+                          params="cross-attn", weight_decay=0.0, esd_eta=1.0,
+                          esd_sampling_steps=50, checkpointing_steps=250)
+
+
+def method_recipe(method: str) -> dict:
+    """The recipe a method's registration carries (``Component.recipe``); {} for a method
+    without one (DoCo's preset applies) or a name nothing registers (refused later, with the
+    names that exist)."""
+    from conceptctl.registry import get_registry
+
+    methods = get_registry("method")
+    if method not in methods:
+        return {}
+    return dict(getattr(methods.entry(method).value, "recipe", None) or {})
+
+
 def preset(concept_type: str, batch_size: int | None = None, method: str = "doco",
            backbone: dict | None = None) -> dict:
     """Every recipe value (:data:`RECIPE`'s keys) for a concept type and method, with the UNet
     learning rate scaled to ``batch_size`` (default: the preset's batch). ``backbone``: the
     backbone's own presets over conceptctl's SD ones (``BackboneSpec.erase_presets``: per
     concept type, and per method under "methods"; the toy's: 400 steps, its anchor sampling).
-    Methods without a recipe of their own (DoCo, plugins' methods, the ``*-doco-recipe``
-    variants) get DoCo's."""
+    Methods without a recipe of their own (DoCo, the ``*-doco-recipe`` variants, a plugin's
+    method that registers none) get DoCo's."""
     own = backbone or {}
     values = (RECIPE | TYPE_PRESETS.get(concept_type, {}) | own.get(concept_type, {})
-              | METHOD_PRESETS.get(method, {}) | own.get("methods", {}).get(method, {}))
+              | method_recipe(method) | own.get("methods", {}).get(method, {}))
     per_image = values.pop("lr_per_image", LR_PER_IMAGE)
     values["lr"] = per_image * (batch_size or values["batch_size"])
     return values
