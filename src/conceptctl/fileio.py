@@ -53,14 +53,10 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     with output_lock(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         clear_leftovers(target)
-        staging = staging_dir(target.parent, f".{target.name}.tmp-")
-        try:
+        # Still free after the work? (checked again just before the rename)
+        with staged_directory(target, before_replace=lambda: check_output_free(
+                target, overwrite, "folder")) as staging:
             yield staging
-            check_output_free(target, overwrite, "folder")  # still true after the work?
-            _replace_folder(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
 
 def clear_leftovers(target: Path) -> None:
@@ -136,7 +132,7 @@ def staged_file(target: Path, before_replace=None) -> Iterator[Path]:
 
 
 @contextmanager
-def staged_directory(target: Path) -> Iterator[Path]:
+def staged_directory(target: Path, before_replace=None) -> Iterator[Path]:
     """:func:`staged_file` for a folder: yield an empty staging folder beside ``target``; on
     success it replaces ``target`` (an old one is moved aside first and deleted once the new
     one is in place). No ownership check: for folders inside an output conceptctl owns (an
@@ -146,6 +142,8 @@ def staged_directory(target: Path) -> Iterator[Path]:
     staging = staging_dir(target.parent, f".{target.name}.tmp-")
     try:
         yield staging
+        if before_replace is not None:
+            before_replace()
         _replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -298,7 +298,7 @@ def _summary(history: list[dict]) -> dict:
 
 
 def build_manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file, selector,
-              seconds, peak, history, versions) -> dict:
+                   seconds, peak, history, versions) -> dict:
     """conceptctl.json of a finished run: what was erased, from which base, with which components
     (and their plugins' versions), every setting, the anchors, the training summary, time,
     memory, machine and library versions."""

@@ -75,8 +75,8 @@ class EraseConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def is_complete(self) -> bool:
-        return all(getattr(self, f.name) is not None for f in fields(self)
-                   if f.name in RECIPE or f.name in ("concept_type", "backbone"))
+        return all(getattr(self, name) is not None
+                   for name in (*RECIPE, "concept_type", "backbone"))
 
 
 # DoCo's SD recipe (the reference code's values): what every preset starts from.
@@ -151,17 +151,12 @@ def complete(cfg: EraseConfig, spec=None) -> EraseConfig:
     weights)."""
     if cfg.is_complete():
         return cfg
+    from conceptctl.backbones.resolve import resolve_backbone
     from conceptctl.erasure.anchors import guess_type
     from conceptctl.settings import load_settings
 
-    backbone = cfg.backbone
-    if backbone is None or spec is None:
-        settings = load_settings()
-        backbone = backbone or settings.default_backbone
-        if spec is None:
-            from conceptctl.backbones.resolve import resolve_backbone
-
-            spec = resolve_backbone(backbone, settings=settings)
+    backbone = cfg.backbone or load_settings().default_backbone
+    spec = spec or resolve_backbone(backbone)  # reads the settings itself
     kind = cfg.concept_type or guess_type(cfg.concept, cfg.anchor)
     recipe = preset(kind, cfg.batch_size, cfg.method, spec.erase_presets)
     return replace(cfg, backbone=backbone, concept_type=kind,

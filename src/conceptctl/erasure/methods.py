@@ -198,9 +198,8 @@ class DoCo:
             if dist.world > 1:
                 prior = prior * batch.share  # summed over processes: the whole batch's mean
         with timer("student backward, preserving"):
-            prior_total = prior.detach().reshape(1).clone()
-            g_p = ctx.summed_grad(prior, params, also=(prior_total,))
-            prior = prior_total
+            prior_sum = prior.detach().reshape(1).clone()  # summed with g_p, for the log
+            g_p = ctx.summed_grad(prior, params, also=(prior_sum,))
         # Surgery on the whole set at once (it also clips, jointly): its result is the update.
         # The sums are identical on every process, so every process applies the same gradients.
         with timer("surgery"):
@@ -209,7 +208,7 @@ class DoCo:
                                           dict(zip(names, g_p, strict=True)))
             for name, p in ctx.params.items():
                 p.grad = grads[name].to(p.dtype)
-        return StepStats(loss=adv.item(), preserve_loss=prior.item(),
+        return StepStats(loss=adv.item(), preserve_loss=prior_sum.item(),
                          surgery_fired=changed / len(params))
 
 

@@ -56,12 +56,8 @@ def _axis_value(word: str) -> tuple[str, str]:
 
 def _group(name: str, axis: str, value: str, held_out: bool) -> PromptGroup:
     concepts = tuple(c for c in all_concepts() if getattr(c, axis) == value)
-    return PromptGroup(name, axis, value, _prompts_for(axis, value, held_out), concepts)
-
-
-def _prompts_for(axis: str, value: str, held_out: bool) -> tuple[str, ...]:
-    concepts = [c for c in all_concepts() if getattr(c, axis) == value]
-    return tuple(fixed_caption(c, i, held_out) for i, c in enumerate(concepts))
+    prompts = tuple(fixed_caption(c, i, held_out) for i, c in enumerate(concepts))
+    return PromptGroup(name, axis, value, prompts, concepts)
 
 
 def prompt_groups(concept: str, anchor: str) -> list[PromptGroup]:
@@ -121,11 +117,11 @@ def rephrase(prompt: str, concept: str) -> list[str]:
 
 
 def _synonyms(concept: str) -> list[str]:
-    for table in (STYLE_WORDS, OBJECT_WORDS, COLOR_WORDS):
-        for value, words in table.items():
-            if concept.strip().lower() in {w.lower() for w in words} | {value}:
-                return list(dict.fromkeys(list(words) + [w.lower() for w in words]))
-    return []
+    found = axis_of(concept, ("style", "object", "color"))
+    if found is None:
+        return []
+    words = {"style": STYLE_WORDS, "object": OBJECT_WORDS, "color": COLOR_WORDS}[found[0]]
+    return list(dict.fromkeys([*words[found[1]], *(w.lower() for w in words[found[1]])]))
 
 
 def _held_out_rephrasings(prompt: str) -> list[str]:
