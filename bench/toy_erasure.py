@@ -89,8 +89,6 @@ def summary(report: dict) -> dict:
     of the anchor, hard-negative and general prompts that ask for it and show it, before and
     after, and kept = after / before.
     """
-    from conceptctl.erasure.artifact import read_artifact
-    from conceptctl.toy.eval_suite import toy_suite
     from conceptctl.toy.world import normalise
 
     if report["suite"]["name"] != "toy":
@@ -102,14 +100,12 @@ def summary(report: dict) -> dict:
                                   "concept_after": m["details"]["concept_rate_after"]}
         elif m["metric"] == "preservation":
             groups[m["group"]] = {"kept": m["value"], **m["details"]}
-    manifest = read_artifact(Path(report["artifact"]["path"])).manifest
-    suite = toy_suite(manifest, report["suite"]["images_per_prompt"], report["options"]["seed"])
-    expect = {c.case_number: c.expect for c in suite.cases}
-    axis = suite.source["axis"]
-    erased = normalise(axis, suite.source["concept"])
+    source = report["suite"]["source"]
+    axis = source["axis"]
+    erased = normalise(axis, source["concept"])
     counts: dict[str, list[int]] = {}  # object -> [shown before, shown after, pictures]
     for record in report["images"]:
-        wanted = expect[record["case_number"]].get("object")
+        wanted = record["expect"].get("object")  # what the prompt asks for, as recorded
         if record["group"].startswith("target") or wanted is None:
             continue
         if axis == "object" and wanted == erased:
