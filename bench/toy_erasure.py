@@ -36,7 +36,8 @@ def main() -> None:
                         help="reduce an existing evaluation report folder; nothing is drawn")
     for name, kind in (("steps", int), ("warmup", int), ("batch-size", int), ("lr", float),
                        ("d-lr", float), ("anchor-images", int), ("surgery", str),
-                       ("discriminator", str), ("params", str), ("prior-batch", str)):
+                       ("discriminator", str), ("params", str), ("prior-batch", str),
+                       ("d-update", str), ("augment", str)):
         parser.add_argument(f"--{name}", type=kind)
     args = parser.parse_args()
     if args.from_report:
@@ -60,7 +61,8 @@ def erase_and_measure(args) -> dict:
                steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, lr=args.lr,
                d_lr=args.d_lr, anchor_images_per_prompt=args.anchor_images,
                surgery=args.surgery, discriminator=args.discriminator, params=args.params,
-               prior_batch=args.prior_batch)
+               prior_batch=args.prior_batch, d_update=args.d_update,
+               augment=args.augment)
     out = args.out or Path(tempfile.mkdtemp(prefix="toy-erasure-")) / "artifact"
     start = time.time()
     result = None if args.skip_erase else erase(cfg, out, overwrite=True)

@@ -143,3 +143,50 @@ def test_an_unknown_prior_batch_is_refused():
 
     with pytest.raises(UsageError, match="unknown prior batch 'sideways'"):
         check_config(EraseConfig(concept="church", anchor="house", prior_batch="sideways"))
+
+
+@pytest.mark.parametrize("d_update", ["own", "reference"])
+def test_d_learns_from_its_own_loss_or_also_the_generators_as_the_reference_code(
+        training, d_update):
+    """The authors' code never clears D's gradients after the generator's backward pass, so its
+    D update also carries ∇_D of the generator's loss; ``d_update="reference"`` does the same."""
+    import copy
+
+    _, trained, data = training
+    method = trained.method
+    method.d_update = d_update
+    disc, d_opt = method.disc, method.d_opt
+    gen = torch.Generator().manual_seed(1)
+    method.training_step(data.batch(4, gen, "cpu", torch.float32), step=1)  # warm-up
+    before = copy.deepcopy(disc)
+    seen = {}
+    d_loss, step = disc.d_loss, d_opt.step
+
+    def record_inputs(real, fake):
+        seen["inputs"] = (real.detach().clone(), fake.detach().clone())
+        return d_loss(real, fake)
+
+    def record_grads(*args, **kwargs):
+        seen["grads"] = [p.grad.clone() for p in disc.parameters()]
+        return step(*args, **kwargs)
+
+    disc.d_loss, d_opt.step = record_inputs, record_grads
+    method.training_step(data.batch(4, gen, "cpu", torch.float32), step=2)
+    real, fake = seen["inputs"]
+    loss = before.d_loss(real, fake)
+    if d_update == "reference":
+        loss = loss + before.g_loss(fake)
+    expected = torch.autograd.grad(loss, list(before.parameters()))
+    for got, want in zip(seen["grads"], expected, strict=True):
+        torch.testing.assert_close(got, want)
+    own_only = torch.autograd.grad(before.d_loss(real, fake), list(before.parameters()))
+    differs = any(not torch.allclose(g, o) for g, o in zip(seen["grads"], own_only, strict=True))
+    assert differs == (d_update == "reference")
+
+
+def test_an_unknown_d_update_is_refused():
+    from conceptctl.erasure.run import check_config
+    from conceptctl.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown discriminator update 'both'"):
+        check_config(EraseConfig(concept="church", anchor="house", d_update="both"))

@@ -22,7 +22,7 @@ def _doco(context, config):
     # The reference's discriminator optimiser: Adam, betas (0.5, 0.999).
     d_opt = torch.optim.Adam(disc.parameters(), lr=config.d_lr, betas=(0.5, 0.999))
     return DoCo(context, disc, d_opt, surgery, warmup=config.warmup,
-                prior_batch=config.prior_batch)
+                prior_batch=config.prior_batch, d_update=config.d_update)
 
 
 def _ca(context, config):

@@ -44,6 +44,12 @@ class EraseConfig:
     # The preservation loss's images: "separate" (the reference's own prior batch) or "shared"
     # (the adversarial batch's own x_t, t and ε, as conceptctl did before; kept to measure both).
     prior_batch: str = "separate"
+    # D's update: "own" (its loss only) or "reference" (plus the generator's adversarial loss's
+    # gradient, which the authors' code leaves in D's .grad; kept to measure both).
+    d_update: str = "own"
+    # Anchor pictures: "none" (as drawn) or "rescale" (the reference's random zoom-out/zoom-in
+    # with "far away"/"close up" caption words, conceptctl.erasure.augment; kept to measure).
+    augment: str = "none"
     seed: int = 0
     checkpoints_total_limit: int = 2
     # The recipe: None takes the preset's value (RECIPE and the presets below).

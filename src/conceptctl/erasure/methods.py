@@ -114,6 +114,10 @@ def _noised(ctx: Context, batch: Batch):
 
 
 PRIOR_BATCHES = ("separate", "shared")
+# What D's update is the gradient of: "own" its own loss (the method), or "reference" its loss
+# plus the generator's adversarial loss, as the authors' code does by never clearing D's
+# gradients after the generator's backward pass (kept to measure the difference).
+D_UPDATES = ("own", "reference")
 
 
 def _preserving_loss(ctx: Context, batch: Batch, x_t, noise, t) -> torch.Tensor:
@@ -140,9 +144,9 @@ class DoCo:
     clips_gradients = True
 
     def __init__(self, ctx: Context, discriminator, d_optimizer, surgery, warmup: int,
-                 prior_batch: str = "separate") -> None:
+                 prior_batch: str = "separate", d_update: str = "own") -> None:
         self.ctx, self.disc, self.d_opt, self.surgery = ctx, discriminator, d_optimizer, surgery
-        self.warmup, self.prior_batch = warmup, prior_batch
+        self.warmup, self.prior_batch, self.d_update = warmup, prior_batch, d_update
         # Saved in checkpoints alongside the UNet's trainable tensors, for exact resumption.
         self.state_modules = {"discriminator": discriminator}
         self.state_optimizers = {"discriminator": d_optimizer}
@@ -175,7 +179,12 @@ class DoCo:
         with timer("discriminator"), ctx.precision.full_precision():
             d_loss = self.disc.d_loss(real_all, fake_all)
             self.d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
+            if self.d_update == "reference" and not warming_up:
+                # ∇_D of the generator's loss as the generator step saw it: same D (not yet
+                # updated), same pictures; the inputs' own gradient plays no part here.
+                (d_loss + self.disc.g_loss(fake_all)).backward()
+            else:
+                d_loss.backward()
             self.d_opt.step()
             stats.d_loss, stats.d_accuracy = d_loss.item(), self.disc.accuracy(real_all, fake_all)
         return stats

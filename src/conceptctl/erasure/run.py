@@ -27,9 +27,10 @@ from conceptctl.erasure.artifact import (
     build_manifest,
     write_artifact,
 )
+from conceptctl.erasure.augment import AUGMENTS
 from conceptctl.erasure.checkpoints import load_checkpoint, save_checkpoint
 from conceptctl.erasure.config import EraseConfig, complete
-from conceptctl.erasure.methods import PRIOR_BATCHES, Context, StepStats
+from conceptctl.erasure.methods import D_UPDATES, PRIOR_BATCHES, Context, StepStats
 from conceptctl.erasure.params import PARAM_GROUPS, select_parameters
 from conceptctl.erasure.precision import MODES as PRECISION_MODES
 from conceptctl.erasure.precision import Precision
@@ -102,6 +103,11 @@ def check_config(cfg: EraseConfig) -> None:
     if cfg.prior_batch not in PRIOR_BATCHES:
         raise UsageError(f"unknown prior batch {cfg.prior_batch!r}; use "
                          f"{', '.join(PRIOR_BATCHES)}")
+    if cfg.augment not in AUGMENTS:
+        raise UsageError(f"unknown augmentation {cfg.augment!r}; use {', '.join(AUGMENTS)}")
+    if cfg.d_update not in D_UPDATES:
+        raise UsageError(f"unknown discriminator update {cfg.d_update!r}; use "
+                         f"{', '.join(D_UPDATES)}")
     if cfg.mixed_precision not in PRECISION_MODES:
         raise UsageError(f"unknown mixed precision {cfg.mixed_precision!r}; use "
                          f"{', '.join(PRECISION_MODES)}")
@@ -413,6 +419,13 @@ def _anchor_data(cfg: EraseConfig, backbone, anchors, anchor_settings, count: in
         target_text=backbone.encode_prompts(list(anchors.target)).cpu(),
         empty_text=backbone.encode_prompts([""]).cpu(),
     )
+    if cfg.augment == "rescale":
+        from conceptctl.erasure.augment import PREFIXES, Rescale, to_pixels
+
+        data.augment = Rescale(backbone, to_pixels(backbone, latents))
+        data.target_variants = torch.stack([
+            backbone.encode_prompts([prefix + p for p in anchors.target]).cpu()
+            for prefix in PREFIXES])
     return data, cached, cache_file
 
 

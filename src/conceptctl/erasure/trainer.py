@@ -44,6 +44,11 @@ class TrainingData:
     anchor_text: torch.Tensor  # (P, tokens, width)
     target_text: torch.Tensor  # (P, tokens, width)
     empty_text: torch.Tensor  # (1, tokens, width)
+    # The reference's resize augmentation (conceptctl.erasure.augment.Rescale), when chosen:
+    # it replaces the adversarial batch's latents, and each target caption takes the prefix it
+    # drew, from ``target_variants`` (prefixes, P, tokens, width; augment.PREFIXES order).
+    augment: Callable | None = None
+    target_variants: torch.Tensor | None = None
 
     def batch(self, size: int, generator: torch.Generator, device, dtype,
               num_timesteps: int = 1000, dist: ProcessGroup | None = None) -> Batch:
@@ -58,18 +63,24 @@ class TrainingData:
         prior_idx = torch.randint(len(self.latents), (size,), generator=generator)
         prior_t, prior_noise = draw_noise(generator, size, self.latents.shape[1:], num_timesteps)
         rows = dist.shard(size)
+        # Drawn after everything above, so the batches without augmentation stay as they were.
+        augmented = None if self.augment is None else self.augment(idx, generator, rows)
         idx, t, noise = idx[rows], t[rows], noise[rows]
         prior_idx, prior_t, prior_noise = prior_idx[rows], prior_t[rows], prior_noise[rows]
         prompts = self.prompt_index[idx]
         local = len(idx)
+        latents, target_text = self.latents[idx], self.target_text[prompts]
+        if augmented is not None:
+            latents, prefix = augmented
+            target_text = self.target_variants[prefix, prompts]
         prior = PriorBatch(
             latents=self.latents[prior_idx].to(device=device, dtype=dtype),
             text=self.anchor_text[self.prompt_index[prior_idx]].to(device=device, dtype=dtype),
             timesteps=prior_t.to(device), noise=prior_noise.to(device=device, dtype=dtype))
         return Batch(
-            latents=self.latents[idx].to(device=device, dtype=dtype),
+            latents=latents.to(device=device, dtype=dtype),
             anchor_text=self.anchor_text[prompts].to(device=device, dtype=dtype),
-            target_text=self.target_text[prompts].to(device=device, dtype=dtype),
+            target_text=target_text.to(device=device, dtype=dtype),
             empty_text=self.empty_text.expand(local, -1, -1).to(device=device, dtype=dtype),
             timesteps=t.to(device),
             noise=noise.to(device=device, dtype=dtype),
