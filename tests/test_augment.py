@@ -94,9 +94,9 @@ def test_an_augmented_batch_has_new_latents_and_prefixed_target_captions(tiny_sd
         anchor_text=backbone.encode_prompts(["a house", "a house at dusk"]),
         target_text=backbone.encode_prompts(targets),
         empty_text=backbone.encode_prompts([""]),
-        augment=Rescale(backbone, to_pixels(backbone, latents)),
-        target_variants=torch.stack([backbone.encode_prompts([p + t for t in targets])
-                                     for p in PREFIXES]))
+        augment=Rescale(backbone, to_pixels(backbone, latents),
+                        torch.stack([backbone.encode_prompts([p + t for t in targets])
+                                     for p in PREFIXES])))
     plain = TrainingData(latents, data.prompt_index, data.anchor_text, data.target_text,
                          data.empty_text)
     a = data.batch(4, torch.Generator().manual_seed(1), "cpu", torch.float32)
@@ -105,7 +105,8 @@ def test_an_augmented_batch_has_new_latents_and_prefixed_target_captions(tiny_sd
     assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.noise, b.noise)
     assert torch.equal(a.prior.latents, b.prior.latents)
     assert a.latents.shape == b.latents.shape and not torch.allclose(a.latents, b.latents)
-    prefixed = [any(torch.equal(row, data.target_variants[v, p]) for v in range(len(PREFIXES))
+    variants = data.augment.target_variants
+    prefixed = [any(torch.equal(row, variants[v, p]) for v in range(len(PREFIXES))
                     for p in range(2)) for row in a.target_text]
     assert all(prefixed)
     again = data.batch(4, torch.Generator().manual_seed(1), "cpu", torch.float32)

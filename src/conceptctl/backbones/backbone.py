@@ -195,10 +195,17 @@ class Backbone:
         return self.noise_schedule.get_velocity(clean, noise, timesteps.to(clean.device))
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1], shape (B, 3, H, W) -> scaled latents."""
+    def encode_images(self, images: torch.Tensor, noise: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Pixels in [-1, 1], shape (B, 3, H, W) -> scaled latents: the VAE posterior's mean, or
+        with ``noise`` (shaped as the latents) its sample mean + std · noise, as
+        ``latent_dist.sample()`` draws with the caller's own random numbers."""
         images = images.to(device=self.device, dtype=self.vae.dtype)
-        return self.vae.encode(images).latent_dist.mean * self.latent_scaling
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.mean
+        if noise is not None:
+            latents = latents + posterior.std * noise.to(latents)
+        return latents * self.latent_scaling
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

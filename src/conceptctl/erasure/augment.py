@@ -84,10 +84,12 @@ def to_pixels(backbone, latents: torch.Tensor, chunk: int = 32) -> torch.Tensor:
 class Rescale:
     """Augmented anchor latents for a batch: ``(indices, generator, rows) -> (latents of the
     rows, prefix index per row)``. Choices and the VAE's sampling noise are drawn for the whole
-    (global) batch, so every process of a data-parallel run draws the same numbers."""
+    (global) batch, so every process of a data-parallel run draws the same numbers.
+    ``target_variants`` (len(PREFIXES), P, tokens, width): each target prompt encoded with each
+    prefix, indexed [prefix, prompt]."""
 
-    def __init__(self, backbone, pixels: torch.Tensor) -> None:
-        self.backbone, self.pixels = backbone, pixels
+    def __init__(self, backbone, pixels: torch.Tensor, target_variants: torch.Tensor) -> None:
+        self.backbone, self.pixels, self.target_variants = backbone, pixels, target_variants
 
     def __call__(self, indices: torch.Tensor, generator: torch.Generator,
                  rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,13 +104,5 @@ class Rescale:
             return empty, torch.zeros(0, dtype=torch.long)
         pictures = torch.stack([rescale(self.pixels[indices[i]].float() / 127.5 - 1, draws[i])
                                 for i in own])
-        latents = self._encode(pictures, eps[rows])
+        latents = self.backbone.encode_images(pictures, noise=eps[rows]).float().cpu()
         return latents, torch.tensor([draws[i].prefix for i in own])
-
-    @torch.no_grad()
-    def _encode(self, pictures: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """VAE posterior sample (mean + std · ε, ε from the run's generator), scaled."""
-        vae, backbone = self.backbone.vae, self.backbone
-        posterior = vae.encode(pictures.to(device=backbone.device, dtype=vae.dtype)).latent_dist
-        sample = posterior.mean + posterior.std * eps.to(posterior.mean)
-        return (sample * backbone.latent_scaling).float().cpu()

@@ -100,17 +100,12 @@ def check_config(cfg: EraseConfig) -> None:
     if not 0 <= cfg.warmup < cfg.steps:
         raise UsageError(f"warm-up ({cfg.warmup}) must be at least 0 and below steps "
                          f"({cfg.steps})")
-    if cfg.prior_batch not in PRIOR_BATCHES:
-        raise UsageError(f"unknown prior batch {cfg.prior_batch!r}; use "
-                         f"{', '.join(PRIOR_BATCHES)}")
-    if cfg.augment not in AUGMENTS:
-        raise UsageError(f"unknown augmentation {cfg.augment!r}; use {', '.join(AUGMENTS)}")
-    if cfg.d_update not in D_UPDATES:
-        raise UsageError(f"unknown discriminator update {cfg.d_update!r}; use "
-                         f"{', '.join(D_UPDATES)}")
-    if cfg.mixed_precision not in PRECISION_MODES:
-        raise UsageError(f"unknown mixed precision {cfg.mixed_precision!r}; use "
-                         f"{', '.join(PRECISION_MODES)}")
+    for what, value, choices in (("prior batch", cfg.prior_batch, PRIOR_BATCHES),
+                                 ("augmentation", cfg.augment, AUGMENTS),
+                                 ("discriminator update", cfg.d_update, D_UPDATES),
+                                 ("mixed precision", cfg.mixed_precision, PRECISION_MODES)):
+        if value not in choices:
+            raise UsageError(f"unknown {what} {value!r}; use {', '.join(choices)}")
     if cfg.params not in PARAM_GROUPS:
         raise UsageError(f"unknown parameter group {cfg.params!r}; available: "
                          f"{', '.join(PARAM_GROUPS)}")
@@ -422,10 +417,9 @@ def _anchor_data(cfg: EraseConfig, backbone, anchors, anchor_settings, count: in
     if cfg.augment == "rescale":
         from conceptctl.erasure.augment import PREFIXES, Rescale, to_pixels
 
-        data.augment = Rescale(backbone, to_pixels(backbone, latents))
-        data.target_variants = torch.stack([
+        data.augment = Rescale(backbone, to_pixels(backbone, latents), torch.stack([
             backbone.encode_prompts([prefix + p for p in anchors.target]).cpu()
-            for prefix in PREFIXES])
+            for prefix in PREFIXES]))
     return data, cached, cache_file
 
 

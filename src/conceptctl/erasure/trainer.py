@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from conceptctl.erasure.augment import Rescale
 from conceptctl.erasure.distributed import ProcessGroup, SingleProcess
 from conceptctl.erasure.finite import NonFiniteWeightsError, all_finite, first_non_finite
 from conceptctl.erasure.methods import Batch, PriorBatch, StepStats, draw_noise
@@ -46,9 +47,8 @@ class TrainingData:
     empty_text: torch.Tensor  # (1, tokens, width)
     # The reference's resize augmentation (conceptctl.erasure.augment.Rescale), when chosen:
     # it replaces the adversarial batch's latents, and each target caption takes the prefix it
-    # drew, from ``target_variants`` (prefixes, P, tokens, width; augment.PREFIXES order).
-    augment: Callable | None = None
-    target_variants: torch.Tensor | None = None
+    # drew (its ``target_variants``).
+    augment: Rescale | None = None
 
     def batch(self, size: int, generator: torch.Generator, device, dtype,
               num_timesteps: int = 1000, dist: ProcessGroup | None = None) -> Batch:
@@ -72,7 +72,7 @@ class TrainingData:
         latents, target_text = self.latents[idx], self.target_text[prompts]
         if augmented is not None:
             latents, prefix = augmented
-            target_text = self.target_variants[prefix, prompts]
+            target_text = self.augment.target_variants[prefix, prompts]
         prior = PriorBatch(
             latents=self.latents[prior_idx].to(device=device, dtype=dtype),
             text=self.anchor_text[self.prompt_index[prior_idx]].to(device=device, dtype=dtype),
