@@ -55,6 +55,18 @@ def test_every_erase_setting_is_in_the_erase_table():
             f"EraseConfig.{field.name} has no row in docs/erase.md")
 
 
+def test_every_built_in_attack_option_is_in_the_evaluate_table():
+    rows = [line for line in (DOCS / "evaluate.md").read_text().splitlines()
+            if line.startswith("| `")]
+    attacks = [e for e in get_registry("attack") if e.plugin.startswith("builtin-")]
+    assert {e.name for e in attacks} >= {"unlearndiffatk", "embedding", "paraphrase"}
+    for entry in attacks:
+        attack = entry.value.build(options={"cases": 1})
+        row = next((r for r in rows if r.split("|")[1].strip() == f"`{entry.name}`"), "")
+        missing = [key for key in attack.options if f"`{key}`" not in row]
+        assert row and not missing, f"docs/evaluate.md: attack {entry.name} lacks {missing}"
+
+
 def _commands(group, prefix=""):
     for name, command in group.commands.items():
         path = f"{prefix}{name}"

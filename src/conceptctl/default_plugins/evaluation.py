@@ -31,6 +31,14 @@ def _paraphrase(options):
     return ParaphraseAttack(**attack_options(options, ParaphraseAttack.options, "paraphrase"))
 
 
+def _unlearndiffatk(options):
+    from conceptctl.evaluation.attacks import attack_options
+    from conceptctl.evaluation.unlearndiffatk import UnlearnDiffAttack
+
+    return UnlearnDiffAttack(**attack_options(options, UnlearnDiffAttack.options,
+                                              "unlearndiffatk"))
+
+
 @hookimpl
 def register_suites(register):
     register(Component("templates", _template_suite, "offline templates for any backbone"))
@@ -52,6 +60,8 @@ def register_metrics(register):
 
 @hookimpl
 def register_attacks(register):
+    register(Component("unlearndiffatk", _unlearndiffatk,
+                       "UnlearnDiffAtk: prepended vocabulary words, its authors' budget"))
     register(Component("embedding", _embedding,
-                       "learned prompt-token embeddings (UnlearnDiffAtk-like)"))
+                       "learned prompt-token embeddings, continuous (CCE-style upper bound)"))
     register(Component("paraphrase", _paraphrase, "synonyms and held-out phrasings"))

@@ -61,6 +61,9 @@ class Attempt:
     case: Case  # the attacked target case
     images: np.ndarray  # uint8 pictures drawn by the erased model under attack
     prompts: list[str] = field(default_factory=list)  # what was asked, for the report
+    # Attack steps spent before each picture (0: before the attack), for attacks with a budget
+    # that grows picture by picture; the report turns them into the budget sweep.
+    budgets: list[int] | None = None
 
 
 def attacked_cases(run, limit: int) -> list[tuple[int, Case]]:
@@ -92,8 +95,9 @@ class EmbeddingAttack:
         # What the original model drew for each attacked prompt: the pictures to reproduce.
         goal = torch.stack([run.original.latents[i * k : (i + 1) * k] for i, _ in chosen])
         generator = torch.Generator().manual_seed(self.seed)
-        encoder = _SoftPromptEncoder(backbone, prompts, self.tokens, generator)
-        optimizer = torch.optim.Adam([encoder.soft], lr=self.lr)
+        encoder = SoftPromptEncoder(backbone, prompts, self.tokens)
+        soft = encoder.random_words(generator).requires_grad_(True)
+        optimizer = torch.optim.Adam([soft], lr=self.lr)
         unet = backbone.unet
         unet.requires_grad_(False)
         latents = goal.flatten(0, 1).to(backbone.device, backbone.dtype)  # (cases*k, C, h, w)
@@ -102,7 +106,7 @@ class EmbeddingAttack:
                               generator=generator).to(backbone.device)
             noise = torch.randn(latents.shape, generator=generator).to(latents)
             noisy = backbone.add_noise(latents, noise, t)  # training schedule's ᾱ
-            states = encoder().repeat_interleave(k, dim=0)
+            states = encoder(soft).repeat_interleave(k, dim=0)
             pred = unet(noisy, t, states).sample
             loss = F.mse_loss(pred.float(),
                               backbone.training_target(latents, noise, t).float())
@@ -110,7 +114,7 @@ class EmbeddingAttack:
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            states = encoder()
+            states = encoder(soft)
         if run.dist.world > 1:  # GPUs may differ in the last bits: draw from the main's prompts
             run.dist.broadcast_([states])
         drawn = draw_embeddings(backbone, states, [c.seed for _, c in chosen], run.draw,
@@ -120,13 +124,12 @@ class EmbeddingAttack:
                 for j, (_, case) in enumerate(chosen)]
 
 
-class _SoftPromptEncoder:
-    """The backbone's own text encoder with ``tokens`` learnable input embeddings placed right
-    after the first (start) token of every prompt. It hooks the input-embedding layer, so it
-    works for CLIP (SD) and BERT (toy) encoders alike, position embeddings included."""
+class SoftPromptEncoder:
+    """The backbone's own text encoder with ``tokens`` input embeddings of the caller's placed
+    right after the first (start) token of every prompt. It hooks the input-embedding layer, so
+    it works for CLIP (SD) and BERT (toy) encoders alike, position embeddings included."""
 
-    def __init__(self, backbone, prompts: list[str], tokens: int,
-                 generator: torch.Generator) -> None:
+    def __init__(self, backbone, prompts: list[str], tokens: int) -> None:
         tok, enc = backbone.tokenizer, backbone.text_encoder
         self.encoder, self.tokens = enc, tokens
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
@@ -139,22 +142,29 @@ class _SoftPromptEncoder:
         self.mask = torch.cat([mask[:, :1], torch.ones_like(filler), mask[:, 1:]], 1)[
             :, : mask.shape[1]].to(backbone.device)
         self.use_mask = bool(getattr(enc.config, "use_attention_mask", False))
-        table = enc.get_input_embeddings().weight
-        start = torch.randint(0, table.shape[0], (len(prompts), tokens), generator=generator)
-        self.soft = table[start.to(table.device)].detach().clone().float().requires_grad_(True)
 
-    def __call__(self) -> torch.Tensor:
+    def random_words(self, generator: torch.Generator) -> torch.Tensor:
+        """Embeddings of random vocabulary words, (prompts, tokens, width), float32."""
+        table = self.encoder.get_input_embeddings().weight
+        start = torch.randint(0, table.shape[0], (len(self.input_ids), self.tokens),
+                              generator=generator)
+        return table[start.to(table.device)].detach().clone().float()
+
+    def __call__(self, embeds: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """Encoder states of the prompts (``rows`` of them) with ``embeds`` (one row each) in
+        the placeholders' stead."""
         layer = self.encoder.get_input_embeddings()
+        ids = self.input_ids if rows is None else self.input_ids[rows]
+        mask = self.mask if rows is None else self.mask[rows]
 
         def replace(module, inputs, output):
             output = output.clone()
-            output[:, 1 : 1 + self.tokens] = self.soft.to(output.dtype)
+            output[:, 1 : 1 + self.tokens] = embeds.to(output.dtype)
             return output
 
         handle = layer.register_forward_hook(replace)
         try:
-            out = self.encoder(self.input_ids,
-                               attention_mask=self.mask if self.use_mask else None)
+            out = self.encoder(ids, attention_mask=mask if self.use_mask else None)
         finally:
             handle.remove()
         return out[0]

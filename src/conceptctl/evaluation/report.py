@@ -141,6 +141,40 @@ def _chart(metrics: list[dict]) -> str:
     return "".join(parts)
 
 
+def _sweep_chart(attacks: list[dict]) -> str:
+    """An inline SVG of attack success rate against attack steps, one line per attack that
+    recorded a budget sweep (nothing when none did)."""
+    sweeps = [(a["attack"], a["sweep"]) for a in attacks if a.get("sweep")]
+    if not sweeps:
+        return ""
+    left, top, width, height = 50, 10, 420, 160
+    most = max(point["steps"] for _, sweep in sweeps for point in sweep) or 1
+    colours = ("#c62828", "#1565c0", "#2e7d32", "#6a1b9a")
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 160}" '
+             f'height="{top + height + 40}" role="img" aria-label="attack budget sweep">',
+             f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" '
+             'stroke="#999"/>']
+    for share in (0, 0.5, 1):
+        y = top + height * (1 - share)
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" '
+                     f'text-anchor="end">{share:.0%}</text>')
+    parts.append(f'<text x="{left}" y="{top + height + 16}" font-size="11">0</text>'
+                 f'<text x="{left + width}" y="{top + height + 16}" font-size="11" '
+                 f'text-anchor="end">{most} attack steps</text>')
+    for n, (name, sweep) in enumerate(sweeps):
+        colour = colours[n % len(colours)]
+        points = " ".join(f"{left + width * p['steps'] / most:.1f},"
+                          f"{top + height * (1 - p['success_rate']):.1f}" for p in sweep)
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" '
+                     'stroke-width="2"/>')
+        parts.append(f'<text x="{left + width + 8}" y="{top + 14 + 16 * n}" font-size="12" '
+                     f'fill="{colour}">{html.escape(name)}: '
+                     f'{sweep[-1]["success_rate"]:.0%}</text>')
+    parts.append("</svg>")
+    return ("<figure>" + "".join(parts) + "<figcaption>attack success rate (pre-attack "
+            "successes included) against the attack steps spent</figcaption></figure>")
+
+
 def _fmt(value, unit: str = "share") -> str:
     from conceptctl.evaluation.metrics import format_value
 
@@ -177,12 +211,14 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
                "<th>concept back (attack)</th><th>concept shown (no attack)</th>"
                "<th>per picture: attack / no attack</th></tr>")
     for a in result["attacks"]:
-        out.append(f"<tr><td>{a['attack']}</td><td>{a['cases']}</td>"
+        out.append(f"<tr><td>{html.escape(a['attack'])}</td><td>{a['cases']}</td>"
                    f"<td>{_fmt(a['success_rate'])}</td>"
                    f"<td>{_fmt(a['no_attack_rate'])}</td>"
                    f"<td>{_fmt(a.get('picture_rate'))} of {a.get('pictures', 0)} / "
                    f"{_fmt(a.get('no_attack_picture_rate'))}</td></tr>")
-    out.append("</table><h2>Pictures: original (left) and erased (right), same seeds</h2>")
+    out.append("</table>")
+    out.append(_sweep_chart(result["attacks"]))
+    out.append("<h2>Pictures: original (left) and erased (right), same seeds</h2>")
     for group in run.suite.groups():
         made = _group_grid(run, group)
         if made is None:

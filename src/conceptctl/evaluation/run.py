@@ -314,12 +314,15 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: EvalReporter) ->
     # Per picture as well as per case: an attack that draws more pictures per case (paraphrase:
     # one set per rewording) has more chances at the case-level rate than the no-attack figure.
     pictures = {"attack": [0, 0], "no_attack": [0, 0]}  # [showing the concept, judged]
+    spent: list[list[tuple[int, bool]]] = []  # per case with budgets: (steps, shown) a picture
     for attempt in attempts:
         shown = None
         if run.detector is not None:
             verdicts = [bool(run.detector.shows(lab, run.concept))
                         for lab in run.detector.judge(attempt.images)]
             shown = any(verdicts)
+            if attempt.budgets is not None:
+                spent.append(list(zip(attempt.budgets, verdicts, strict=True)))
             i = index[id(attempt.case)]
             before = [bool(run.detector.shows(run.erased.labels[j], run.concept))
                       for j in range(i * k, (i + 1) * k)]
@@ -344,9 +347,20 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: EvalReporter) ->
                "no_attack_rate": baseline / n if measured else None,
                "picture_rate": share("attack"), "no_attack_picture_rate": share("no_attack"),
                "pictures": pictures["attack"][1],
+               "sweep": budget_sweep(spent) if measured and spent else None,
                "seconds": round(time.time() - t0, 1), "rows": rows,
                "note": "" if measured else (run.no_detector_note or "no target cases")}
     return {"summary": summary, "attempts": attempts}
+
+
+def budget_sweep(spent: list[list[tuple[int, bool]]]) -> list[dict]:
+    """Attack success rate against attack steps: at each budget any picture spent, the share of
+    cases with a picture showing the concept among those drawn within that budget (a case the
+    attack left early, having succeeded, stays a success at every larger budget)."""
+    budgets = sorted({steps for case in spent for steps, _ in case})
+    return [{"steps": b, "success_rate": sum(any(shown for steps, shown in case if steps <= b)
+                                             for case in spent) / len(spent)}
+            for b in budgets]
 
 
 def verdict(scores, attacks, has_detector: bool) -> dict:
