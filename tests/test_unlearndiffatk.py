@@ -175,6 +175,10 @@ def test_toy_eval_runs_the_attack_counts_pre_attack_successes_and_records_prompt
     assert any(len(r["attacked_prompts"]) > 1 for r in attack["rows"])  # it ran
     spent = sorted({b for r in attack["rows"] for b in (0, 2, 4)[:len(r["attacked_prompts"])]})
     assert "attack budget sweep" in (tmp_path / "a" / "report.html").read_text()
+    # The same attack on the original model: before any step, its own pictures as judged.
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    before = np.mean([r["original"]["labels"]["object"] == "church" for r in report["images"]])
+    assert attack["original_sweep"][0] == {"steps": 0, "success_rate": pytest.approx(before)}
     assert attack["sweep"] == [
         {"steps": b, "success_rate": pytest.approx(np.mean(
             [f is not None and f <= b for f in firsts]))} for b in spent]

@@ -19,24 +19,16 @@ def _metric(class_name):
     return factory
 
 
-def _embedding(options):
-    from conceptctl.evaluation.attacks import EmbeddingAttack, attack_options
+def _attack(module: str, class_name: str, name: str):
+    def factory(options):
+        from importlib import import_module
 
-    return EmbeddingAttack(**attack_options(options, EmbeddingAttack.options, "embedding"))
+        from conceptctl.evaluation.attacks import attack_options
 
+        attack = getattr(import_module(f"conceptctl.evaluation.{module}"), class_name)
+        return attack(**attack_options(options, attack.options, name))
 
-def _paraphrase(options):
-    from conceptctl.evaluation.attacks import ParaphraseAttack, attack_options
-
-    return ParaphraseAttack(**attack_options(options, ParaphraseAttack.options, "paraphrase"))
-
-
-def _unlearndiffatk(options):
-    from conceptctl.evaluation.attacks import attack_options
-    from conceptctl.evaluation.unlearndiffatk import UnlearnDiffAttack
-
-    return UnlearnDiffAttack(**attack_options(options, UnlearnDiffAttack.options,
-                                              "unlearndiffatk"))
+    return factory
 
 
 @hookimpl
@@ -60,8 +52,10 @@ def register_metrics(register):
 
 @hookimpl
 def register_attacks(register):
-    register(Component("unlearndiffatk", _unlearndiffatk,
+    register(Component("unlearndiffatk",
+                       _attack("unlearndiffatk", "UnlearnDiffAttack", "unlearndiffatk"),
                        "UnlearnDiffAtk: prepended vocabulary words, its authors' budget"))
-    register(Component("embedding", _embedding,
+    register(Component("embedding", _attack("attacks", "EmbeddingAttack", "embedding"),
                        "learned prompt-token embeddings, continuous (CCE-style upper bound)"))
-    register(Component("paraphrase", _paraphrase, "synonyms and held-out phrasings"))
+    register(Component("paraphrase", _attack("attacks", "ParaphraseAttack", "paraphrase"),
+                       "synonyms and held-out phrasings"))

@@ -144,11 +144,13 @@ def _chart(metrics: list[dict]) -> str:
 def _sweep_chart(attacks: list[dict]) -> str:
     """An inline SVG of attack success rate against attack steps, one line per attack that
     recorded a budget sweep (nothing when none did)."""
-    sweeps = [(a["attack"], a["sweep"]) for a in attacks if a.get("sweep")]
+    sweeps = [(a["attack"], a["sweep"], "") for a in attacks if a.get("sweep")]
+    sweeps += [(f"{a['attack']} (original)", a["original_sweep"], ' stroke-dasharray="5 3"')
+               for a in attacks if a.get("original_sweep")]
     if not sweeps:
         return ""
     left, top, width, height = 50, 10, 420, 160
-    most = max(point["steps"] for _, sweep in sweeps for point in sweep) or 1
+    most = max(point["steps"] for _, sweep, _ in sweeps for point in sweep) or 1
     colours = ("#c62828", "#1565c0", "#2e7d32", "#6a1b9a")
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 160}" '
              f'height="{top + height + 40}" role="img" aria-label="attack budget sweep">',
@@ -161,18 +163,20 @@ def _sweep_chart(attacks: list[dict]) -> str:
     parts.append(f'<text x="{left}" y="{top + height + 16}" font-size="11">0</text>'
                  f'<text x="{left + width}" y="{top + height + 16}" font-size="11" '
                  f'text-anchor="end">{most} attack steps</text>')
-    for n, (name, sweep) in enumerate(sweeps):
-        colour = colours[n % len(colours)]
+    for n, (name, sweep, dash) in enumerate(sweeps):
+        colour = colours[[s[0] for s in sweeps].index(name.removesuffix(" (original)"))
+                         % len(colours)]
         points = " ".join(f"{left + width * p['steps'] / most:.1f},"
                           f"{top + height * (1 - p['success_rate']):.1f}" for p in sweep)
         parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" '
-                     'stroke-width="2"/>')
+                     f'stroke-width="2"{dash}/>')
         parts.append(f'<text x="{left + width + 8}" y="{top + 14 + 16 * n}" font-size="12" '
                      f'fill="{colour}">{html.escape(name)}: '
                      f'{sweep[-1]["success_rate"]:.0%}</text>')
     parts.append("</svg>")
     return ("<figure>" + "".join(parts) + "<figcaption>attack success rate (pre-attack "
-            "successes included) against the attack steps spent</figcaption></figure>")
+            "successes included) against the attack steps spent; dashed: the same attack on "
+            "the original model</figcaption></figure>")
 
 
 def _fmt(value, unit: str = "share") -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -348,9 +348,23 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: EvalReporter) ->
                "picture_rate": share("attack"), "no_attack_picture_rate": share("no_attack"),
                "pictures": pictures["attack"][1],
                "sweep": budget_sweep(spent) if measured and spent else None,
+               "original_sweep": None,
                "seconds": round(time.time() - t0, 1), "rows": rows,
                "note": "" if measured else (run.no_detector_note or "no target cases")}
+    if summary["sweep"] is not None:
+        # The same attack on the original model: the line the erased model's is read against
+        # (where the concept shows anyway, a prompt succeeds before any attack step).
+        summary["original_sweep"] = _original_sweep(run, attack)
+        summary["seconds"] = round(time.time() - t0, 1)
     return {"summary": summary, "attempts": attempts}
+
+
+def _original_sweep(run: EvalRun, attack) -> list[dict]:
+    attempts = attack.attack(replace(run, erased_model=run.original_model, erased=run.original))
+    spent = [list(zip(a.budgets, [bool(run.detector.shows(lab, run.concept))
+                                  for lab in run.detector.judge(a.images)], strict=True))
+             for a in attempts if a.budgets is not None]
+    return budget_sweep(spent) if spent else None
 
 
 def budget_sweep(spent: list[list[tuple[int, bool]]]) -> list[dict]:
