@@ -115,7 +115,7 @@ class UnlearnDiffAttack:
         prompts = [[case.prompt] for _, case in chosen]
         budgets = [[0] for _ in chosen]
         done = self._shown(run, np.stack([p[0] for p in pictures]))
-        state = _Search(run, [case.prompt for _, case in chosen], self)
+        state = _Search(run, chosen, self)
         draw = dataclasses.replace(run.draw, images_per_prompt=1)
         for stage, t in enumerate(stage_timesteps(run.erased_model.num_train_timesteps,
                                                   self.stages)):
@@ -150,19 +150,19 @@ class UnlearnDiffAttack:
 class _Search:
     """The word probabilities of every attacked prompt and their optimiser."""
 
-    def __init__(self, run, prompts: list[str], attack: UnlearnDiffAttack) -> None:
+    def __init__(self, run, chosen: list[tuple[int, Case]], attack: UnlearnDiffAttack) -> None:
         backbone = self.backbone = run.erased_model
         self.generator = torch.Generator().manual_seed(attack.seed)
-        self.encoder = SoftPromptEncoder(backbone, prompts, attack.tokens)
+        self.encoder = SoftPromptEncoder(backbone, [case.prompt for _, case in chosen],
+                                         attack.tokens)
         self.vocab = typeable_tokens(backbone.tokenizer)
         table = backbone.text_encoder.get_input_embeddings().weight
         self.table = table[self.vocab.to(table.device)].detach()
         k = run.suite.images_per_prompt
-        chosen = attacked_cases(run, attack.cases)
         self.goal = torch.stack([run.original.latents[i * k] for i, _ in chosen]).to(
             backbone.device, backbone.dtype)
         # The authors start every word from the uniform distribution (rand_init false).
-        self.probs = torch.full((len(prompts), attack.tokens, len(self.vocab)),
+        self.probs = torch.full((len(chosen), attack.tokens, len(self.vocab)),
                                 1 / len(self.vocab), requires_grad=True)
         self.optimizer = torch.optim.Adam([self.probs], lr=attack.lr,
                                           weight_decay=attack.weight_decay)
