@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from conceptctl.backbones.soft_prompt import SoftPromptEncoder
 from conceptctl.evaluation.cases import Case
 from conceptctl.evaluation.generate import Drawn, draw_cases, draw_embeddings
 from conceptctl.text import swap_word
@@ -122,52 +123,6 @@ class EmbeddingAttack:
         return [Attempt(case, drawn.images[j * k : (j + 1) * k],
                         [f"<{self.tokens} learned tokens> {case.prompt}"])
                 for j, (_, case) in enumerate(chosen)]
-
-
-class SoftPromptEncoder:
-    """The backbone's own text encoder with ``tokens`` input embeddings of the caller's placed
-    right after the first (start) token of every prompt. It hooks the input-embedding layer, so
-    it works for CLIP (SD) and BERT (toy) encoders alike, position embeddings included."""
-
-    def __init__(self, backbone, prompts: list[str], tokens: int) -> None:
-        tok, enc = backbone.tokenizer, backbone.text_encoder
-        self.encoder, self.tokens = enc, tokens
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt")
-        input_ids, mask = ids.input_ids, ids.attention_mask
-        # Make room: [start] + tokens placeholders + the rest, truncated to the same length.
-        filler = torch.full((len(prompts), tokens), int(input_ids[0, 1]))
-        self.input_ids = torch.cat([input_ids[:, :1], filler, input_ids[:, 1:]], 1)[
-            :, : input_ids.shape[1]].to(backbone.device)
-        self.mask = torch.cat([mask[:, :1], torch.ones_like(filler), mask[:, 1:]], 1)[
-            :, : mask.shape[1]].to(backbone.device)
-        self.use_mask = bool(getattr(enc.config, "use_attention_mask", False))
-
-    def random_words(self, generator: torch.Generator) -> torch.Tensor:
-        """Embeddings of random vocabulary words, (prompts, tokens, width), float32."""
-        table = self.encoder.get_input_embeddings().weight
-        start = torch.randint(0, table.shape[0], (len(self.input_ids), self.tokens),
-                              generator=generator)
-        return table[start.to(table.device)].detach().clone().float()
-
-    def __call__(self, embeds: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
-        """Encoder states of the prompts (``rows`` of them) with ``embeds`` (one row each) in
-        the placeholders' stead."""
-        layer = self.encoder.get_input_embeddings()
-        ids = self.input_ids if rows is None else self.input_ids[rows]
-        mask = self.mask if rows is None else self.mask[rows]
-
-        def replace(module, inputs, output):
-            output = output.clone()
-            output[:, 1 : 1 + self.tokens] = embeds.to(output.dtype)
-            return output
-
-        handle = layer.register_forward_hook(replace)
-        try:
-            out = self.encoder(ids, attention_mask=mask if self.use_mask else None)
-        finally:
-            handle.remove()
-        return out[0]
 
 
 class ParaphraseAttack:

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from conceptctl.evaluation.attacks import Attempt, SoftPromptEncoder, attacked_cases
+from conceptctl.backbones.soft_prompt import SoftPromptEncoder
+from conceptctl.evaluation.attacks import Attempt, attacked_cases
 from conceptctl.evaluation.cases import Case
 from conceptctl.evaluation.generate import draw_cases
 
