@@ -4,7 +4,8 @@
            [--seed 0] [any erase override: --steps 400 --lr 1e-4 ...] [--out DIR]
     python bench/toy_erasure.py --from-report evaluations/compare/doco   # an existing report
 
-Runs `erase()` with the toy preset (plus overrides), then the default evaluation without attacks
+Runs `erase()` with the toy preset (plus overrides), then the default evaluation (no attacks
+unless `--attacks` names them)
 (`conceptctl.evaluation.report.evaluate_to`: the toy suite, drawn by the original and the erased
 model with the same seeds, graded by the toy judge) and reduces its report to the figures the
 docs give: per group the concept rate or the preservation, and every object's accuracy over the
@@ -37,8 +38,14 @@ def main() -> None:
     for name, kind in (("steps", int), ("warmup", int), ("batch-size", int), ("lr", float),
                        ("d-lr", float), ("anchor-images", int), ("surgery", str),
                        ("discriminator", str), ("params", str), ("prior-batch", str),
-                       ("d-update", str), ("augment", str)):
+                       ("d-update", str), ("augment", str), ("adversarial-steps", int),
+                       ("adversarial-every", int), ("adversarial-tokens", int),
+                       ("adversarial-lr", float)):
         parser.add_argument(f"--{name}", type=kind)
+    parser.add_argument("--adversarial", action="store_true", help="adversarial erasure")
+    parser.add_argument("--attacks", default="",
+                        help="attacks the evaluation runs too, e.g. "
+                        "unlearndiffatk,embedding,paraphrase (default: none)")
     args = parser.parse_args()
     if args.from_report:
         report = json.loads((args.from_report / "report.json").read_text())
@@ -62,13 +69,16 @@ def erase_and_measure(args) -> dict:
                d_lr=args.d_lr, anchor_images_per_prompt=args.anchor_images,
                surgery=args.surgery, discriminator=args.discriminator, params=args.params,
                prior_batch=args.prior_batch, d_update=args.d_update,
-               augment=args.augment)
+               augment=args.augment, adversarial=args.adversarial,
+               adversarial_steps=args.adversarial_steps, adversarial_every=args.adversarial_every,
+               adversarial_tokens=args.adversarial_tokens, adversarial_lr=args.adversarial_lr)
     out = args.out or Path(tempfile.mkdtemp(prefix="toy-erasure-")) / "artifact"
     start = time.time()
     result = None if args.skip_erase else erase(cfg, out, overwrite=True)
     erase_seconds = time.time() - start
     start = time.time()
-    opts = EvalOptions(attacks=(), metrics=("erasure", "preservation"),
+    attacks = tuple(a for a in args.attacks.split(",") if a)
+    opts = EvalOptions(attacks=attacks, metrics=("erasure", "preservation"),
                        images_per_prompt=args.images_per_prompt, device="cpu")
     report = evaluate_to(out, opts, out.with_name(out.name + "-report"), overwrite=True)
     return {
@@ -118,7 +128,11 @@ def summary(report: dict) -> dict:
         row[2] += 1
     objects = {o: {"before": b / n, "after": a / n, "kept": a / b if b else None}
                for o, (b, a, n) in sorted(counts.items())}
-    return {"seconds": report["seconds"], "groups": groups, "objects": objects}
+    attacks = {a["attack"]: {k: a[k] for k in ("success_rate", "no_attack_rate", "cases",
+                                               "pictures", "seconds", "settings")}
+               for a in report.get("attacks", [])}
+    return {"seconds": report["seconds"], "groups": groups, "objects": objects,
+            "attacks": attacks}
 
 
 def print_table(line: dict) -> None:
@@ -132,6 +146,9 @@ def print_table(line: dict) -> None:
                   f"{row['accuracy_after']:6.1%}")
     for name, row in line["objects"].items():
         print(f"object {name:21s} accuracy {row['before']:6.1%} -> {row['after']:6.1%}")
+    for name, row in line.get("attacks", {}).items():
+        print(f"attack {name:21s} ASR {row['success_rate']:6.1%} (no attack "
+              f"{row['no_attack_rate']:6.1%}, {row['cases']} cases, {row['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

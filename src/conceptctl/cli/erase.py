@@ -57,6 +57,19 @@ def erase(
         help="λ: share of the conflicting component removed (1).", show_default=False)] = None,
     anchor_images: Annotated[int | None, typer.Option(
         help="Anchor images per anchor prompt (preset).", min=1, show_default=False)] = None,
+    adversarial: Annotated[bool, typer.Option(
+        "--adversarial", help="Robust erasure: attack the target prompts during training (soft "
+        "tokens, as AdvUnlearn) and erase on the attacked prompts too.")] = False,
+    adversarial_steps: Annotated[int | None, typer.Option(
+        help="--adversarial: attack steps per refresh (4).", min=1, show_default=False)] = None,
+    adversarial_every: Annotated[int | None, typer.Option(
+        help="--adversarial: refresh the attack every N generator steps (1).", min=1,
+        show_default=False)] = None,
+    adversarial_tokens: Annotated[int | None, typer.Option(
+        help="--adversarial: soft tokens put in each target prompt (3).", min=1,
+        show_default=False)] = None,
+    adversarial_lr: Annotated[float | None, typer.Option(
+        help="--adversarial: the attack's Adam rate (0.01).", show_default=False)] = None,
     seed: options.Seed = 0,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact folder "
                                                 "(default: erased/<concept>-<method>).",
@@ -102,7 +115,9 @@ def erase(
                steps=steps, warmup=warmup, batch_size=batch_size, lr=lr, d_lr=d_lr,
                surgery_strength=surgery_strength, anchor_images_per_prompt=anchor_images,
                checkpointing_steps=checkpointing_steps,
-               checkpoints_total_limit=checkpoints_total_limit)
+               checkpoints_total_limit=checkpoints_total_limit, adversarial=adversarial,
+               adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
+               adversarial_tokens=adversarial_tokens, adversarial_lr=adversarial_lr)
     if resume is not None and output is None:
         raise UsageError("--resume needs --output: the folder of the run to continue")
     out = output or next_free_dir(Path("erased") / f"{slug(concept)}-{cfg.method}")

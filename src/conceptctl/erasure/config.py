@@ -50,6 +50,15 @@ class EraseConfig:
     # Anchor pictures: "none" (as drawn) or "rescale" (the reference's random zoom-out/zoom-in
     # with "far away"/"close up" caption words, conceptctl.erasure.augment; kept to measure).
     augment: str = "none"
+    # Adversarial erasure (conceptctl.erasure.adversarial): every ``adversarial_every`` generator
+    # steps an inner attack of ``adversarial_steps`` Adam steps (rate ``adversarial_lr``) on
+    # ``adversarial_tokens`` soft tokens per target prompt; the outer step erases on the attacked
+    # prompts too.
+    adversarial: bool = False
+    adversarial_tokens: int = 3
+    adversarial_steps: int = 4
+    adversarial_every: int = 1
+    adversarial_lr: float = 0.01
     seed: int = 0
     checkpoints_total_limit: int = 2
     # The recipe: None takes the preset's value (RECIPE and the presets below).

@@ -92,6 +92,11 @@ class EsdX:
         with ctx.timer("partial sampling"):
             x_t, t = partial_sample(backbone, unet, noise, text, empty, k, steps=self.steps)
         goal = esd_goal(ctx, x_t, t, text, empty, self.eta)
+        if ctx.adversary is not None:  # --adversarial: the attacked concept prompt, same goal
+            with ctx.timer("inner attack"):
+                attacked = ctx.adversary(x_t, t, torch.zeros(n, dtype=torch.long), text, step)
+            x_t, t, goal = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([goal, goal])
+            text = torch.cat([text, attacked])
         loss = F.mse_loss(unet(x_t, t, text).sample.float(), goal.float())
         ctx.precision.backward(loss)
         return StepStats(loss=loss.item())

@@ -36,6 +36,9 @@ class Batch:
     # The preservation loss's own images (the reference's separate prior batch): other anchor
     # images with their own captions, t and ε. None: it reuses the images above.
     prior: PriorBatch | None = None
+    # Which target prompt each row's c_t is (an index into the run's target prompts): the
+    # inner attack of adversarial erasure attacks these prompts.
+    prompts: torch.Tensor | None = None
     # Data-parallel: rows of the global batch each process holds (None: one process), and this
     # process's share of the global batch (weights its mean losses).
     sizes: tuple[int, ...] | None = None
@@ -79,6 +82,8 @@ class Context:
     timer: Callable[[str], AbstractContextManager] = record_function
     # The process group of a data-parallel run (conceptctl.erasure.distributed).
     dist: ProcessGroup = field(default_factory=SingleProcess)
+    # ``--adversarial``'s inner attacker (conceptctl.erasure.adversarial.PromptAdversary).
+    adversary: torch.nn.Module | None = None
 
     def summed_grad(self, loss: torch.Tensor, params: list[torch.Tensor],
                     also: tuple[torch.Tensor, ...] = ()) -> list[torch.Tensor]:
@@ -111,6 +116,25 @@ def _noised(ctx: Context, batch: Batch):
         t, noise = batch.timesteps, batch.noise
     noise, t = noise.to(latents), t.to(latents.device)
     return ctx.backbone.add_noise(latents, noise, t), noise, t
+
+
+def with_attacked_rows(ctx: Context, batch: Batch, x_t, noise, t, step: int):
+    """With ``--adversarial``: the batch, x_t, ε and t with one more row per row, whose target
+    prompt is the inner attack's version of that row's (same anchor latent, t and ε), so the
+    method erases on attacked prompts next to the usual ones. Without: all unchanged."""
+    if ctx.adversary is None:
+        return batch, x_t, noise, t
+    with ctx.timer("inner attack"):
+        attacked = ctx.adversary(x_t, t, batch.prompts, batch.target_text, step)
+
+    def twice(value):
+        return torch.cat([value, value])
+
+    more = replace(batch, latents=twice(batch.latents), anchor_text=twice(batch.anchor_text),
+                   target_text=torch.cat([batch.target_text, attacked]),
+                   empty_text=twice(batch.empty_text), timesteps=twice(t), noise=twice(noise),
+                   prompts=twice(batch.prompts))
+    return more, twice(x_t), twice(noise), twice(t)
 
 
 PRIOR_BATCHES = ("separate", "shared")
@@ -155,13 +179,16 @@ class DoCo:
         ctx, timer, dist = self.ctx, self.ctx.timer, self.ctx.dist
         x_t, noise, t = _noised(ctx, batch)
         backbone = ctx.backbone
+        warming_up = step <= self.warmup
+        if not warming_up:  # the model only changes after the warm-up: nothing to attack before
+            batch, x_t, noise, t = with_attacked_rows(ctx, batch, x_t, noise, t,
+                                                      step - self.warmup)
         # "Real": what the original model predicts for the anchor prompt, as a clean latent.
         with timer("frozen forward"), torch.no_grad():
             frozen = ctx.frozen_unet(x_t, t, batch.anchor_text).sample
             real = backbone.predicted_original(x_t, frozen, t)
         # "Fake": the student's clean-latent prediction for the target prompt. During warm-up
         # only D learns from it, so no graph is kept (same numbers, less memory and time).
-        warming_up = step <= self.warmup
         with timer("student forward, adversarial"), \
                 torch.no_grad() if warming_up else nullcontext():
             fake = backbone.predicted_original(
@@ -248,6 +275,7 @@ class AblatingConcepts:
     def training_step(self, batch: Batch, step: int) -> StepStats:
         ctx = self.ctx
         x_t, noise, t = _noised(ctx, batch)
+        batch, x_t, noise, t = with_attacked_rows(ctx, batch, x_t, noise, t, step)
         with torch.no_grad():
             unet = ctx.backbone.unet if self.goal == "student" else ctx.frozen_unet
             goal = unet(x_t, t, batch.anchor_text).sample
@@ -280,7 +308,8 @@ class EsdXOnAnchors:
 
     def training_step(self, batch: Batch, step: int) -> StepStats:
         ctx = self.ctx
-        x_t, _, t = _noised(ctx, batch)
+        x_t, noise, t = _noised(ctx, batch)
+        batch, x_t, _, t = with_attacked_rows(ctx, batch, x_t, noise, t, step)
         goal = esd_goal(ctx, x_t, t, batch.target_text, batch.empty_text, self.eta)
         loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
                           goal.float())

@@ -90,7 +90,8 @@ def check_config(cfg: EraseConfig) -> None:
     _check_numbers(cfg)
     for name, minimum in (("steps", 1), ("batch_size", 1), ("anchor_images_per_prompt", 1),
                           ("anchor_steps", 1), ("anchor_prompt_count", 1),
-                          ("esd_sampling_steps", 2)):
+                          ("esd_sampling_steps", 2), ("adversarial_tokens", 1),
+                          ("adversarial_steps", 1), ("adversarial_every", 1)):
         if getattr(cfg, name) is not None and getattr(cfg, name) < minimum:
             raise UsageError(f"{name.replace('_', '-')} must be at least {minimum}")
     if cfg.batch_size > MAX_BATCH_AT_NATIVE:  # training runs at the backbone's native side
@@ -120,7 +121,8 @@ def check_config(cfg: EraseConfig) -> None:
 # finite: Typer reads 'nan' and 'inf' as numbers, and either one trains NaN weights.
 _FLOAT_MINIMA = {"lr": (0, False), "d_lr": (0, False), "max_grad_norm": (0, False),
                  "weight_decay": (0, True), "surgery_strength": (0, True),
-                 "prior_weight": (0, True), "esd_eta": (0, True), "anchor_guidance": (0, True)}
+                 "prior_weight": (0, True), "esd_eta": (0, True), "anchor_guidance": (0, True),
+                 "adversarial_lr": (0, False)}
 
 
 def _check_numbers(cfg: EraseConfig) -> None:
@@ -218,8 +220,12 @@ def _adamw(params: list[torch.nn.Parameter], cfg: EraseConfig) -> torch.optim.Op
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None) -> Training:
-    """Select the trained tensors, make the frozen copy, build the method and optimisers."""
+def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None,
+                     prompts: list[str] | None = None) -> Training:
+    """Select the trained tensors, make the frozen copy, build the method and optimisers.
+    ``prompts``: the target prompts the batches index (with ``--adversarial``, what the inner
+    attack attacks; None: the concept alone, for a method that makes its own latents)."""
+    from conceptctl.erasure.adversarial import build_adversary
     from conceptctl.erasure.distributed import SingleProcess
 
     cfg = complete(cfg, backbone.spec)  # a caller's bare config: this backbone's preset
@@ -238,9 +244,11 @@ def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None) -> Tr
     state = LoopState(generator=torch.Generator().manual_seed(cfg.seed))
     precision = Precision(cfg.mixed_precision, backbone.device.type)
     extra = {"timer": timer} if timer is not None else {}
+    dist = dist or SingleProcess()
+    adversary = build_adversary(backbone, frozen, cfg, prompts or [cfg.concept], dist.world)
     context = Context(backbone=backbone, frozen_unet=frozen, params=params,
-                      generator=state.generator, precision=precision,
-                      dist=dist or SingleProcess(), **extra)
+                      generator=state.generator, precision=precision, dist=dist,
+                      adversary=adversary, **extra)
     # Components initialise their weights from torch's global generator: seed it for them
     # (without disturbing the caller's) so that two runs with one seed start identically.
     with torch.random.fork_rng(devices=[]):
@@ -249,6 +257,8 @@ def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None) -> Tr
     optimizer = _adamw(list(params.values()), cfg)
     optimizers = {"generator": optimizer, **getattr(method, "state_optimizers", {})}
     modules = dict(getattr(method, "state_modules", {}))
+    if adversary is not None:  # its attacked prompts carry on from a checkpoint
+        modules["adversary"] = adversary
     return Training(params, frozen, method, optimizer, optimizers, modules, precision, state,
                     context)
 
@@ -327,7 +337,8 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
                                 if uses_images else (None, False, None))
     anchor_seconds = time.time() - t0
 
-    training = prepare_training(backbone, cfg, dist=dist)
+    training = prepare_training(backbone, cfg, dist=dist,
+                                prompts=list(anchors.target) if uses_images else None)
     _resume(training, resume_from, resume, dist, report)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,7 @@ class TrainingData:
             empty_text=self.empty_text.expand(local, -1, -1).to(device=device, dtype=dtype),
             timesteps=t.to(device),
             noise=noise.to(device=device, dtype=dtype),
+            prompts=prompts,
             sizes=None if dist.world == 1 else tuple(dist.shares(size)),
             share=local / size,
             prior=prior,
