@@ -40,7 +40,8 @@ def main() -> None:
                        ("discriminator", str), ("params", str), ("prior-batch", str),
                        ("d-update", str), ("augment", str), ("adversarial-steps", int),
                        ("adversarial-every", int), ("adversarial-tokens", int),
-                       ("adversarial-lr", float)):
+                       ("adversarial-lr", float), ("adversarial-retain", float),
+                       ("retain-prompts", str)):
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--adversarial", action="store_true", help="adversarial erasure")
     parser.add_argument("--attacks", default="",
@@ -71,7 +72,8 @@ def erase_and_measure(args) -> dict:
                prior_batch=args.prior_batch, d_update=args.d_update,
                augment=args.augment, adversarial=args.adversarial,
                adversarial_steps=args.adversarial_steps, adversarial_every=args.adversarial_every,
-               adversarial_tokens=args.adversarial_tokens, adversarial_lr=args.adversarial_lr)
+               adversarial_tokens=args.adversarial_tokens, adversarial_lr=args.adversarial_lr,
+               adversarial_retain=args.adversarial_retain, retain_prompts=args.retain_prompts)
     out = args.out or Path(tempfile.mkdtemp(prefix="toy-erasure-")) / "artifact"
     start = time.time()
     result = None if args.skip_erase else erase(cfg, out, overwrite=True)

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conceptctl.erasure.anchors import AnchorSet, retain_prompts
 from conceptctl.erasure.artifact import read_artifact
-from conceptctl.erasure.methods import Batch, with_attacked_rows
+from conceptctl.erasure.methods import Batch, retain_loss, with_attacked_rows
 from conceptctl.erasure.run import erase, prepare_training
 from conceptctl.testing import tiny_erase_config
 
@@ -210,3 +211,66 @@ def test_the_settings_are_recorded_in_the_run_record(tiny_sd1, tmp_path):
     erase(cfg, tmp_path / "out")
     record = json.loads((tmp_path / "out" / "checkpoint-2" / "config.json").read_text())
     assert record["config"]["adversarial_tokens"] == 2
+
+
+def test_the_retain_loss_holds_the_original_predictions_for_retain_prompts(backbone, tiny_sd1):
+    cfg = tiny_erase_config(tiny_sd1, adversarial=True)
+    training = prepare_training(backbone, cfg, prompts=PROMPTS,
+                                retain=("a photo of a dog", "a photo of a cat"))
+    adversary, ctx = training.context.adversary, training.context
+    x_t, t, _, _ = _inputs(backbone, [0, 1])
+    # The model is still the original: nothing to hold yet.
+    assert adversary.retain_loss(x_t, t, torch.Generator().manual_seed(0)).item() == 0.0
+    with torch.no_grad():
+        for p in training.params.values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    # with_attacked_rows doubles the batch: the retain loss takes the batch's own rows only.
+    loss = retain_loss(ctx, torch.cat([x_t, x_t]), torch.cat([t, t]))
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in training.params.values())
+    off = prepare_training(backbone, cfg.with_overrides(adversarial_retain=0.0), prompts=PROMPTS,
+                           retain=("a photo of a dog",))
+    assert off.context.adversary.retain_loss(x_t, t, torch.Generator()) is None
+
+
+def test_the_retain_prompts_come_from_the_file_the_selector_or_coco(tmp_path):
+    chosen = AnchorSet(("a painting",), ("a painting, in the style of Monet",),
+                       retain=("a cat by Monet", "a photo of a dog"))
+    assert retain_prompts(chosen, "Monet") == ("a photo of a dog",)  # never the concept
+    bare = AnchorSet(("a photo of a house",), ("a photo of a dog",))
+    coco = retain_prompts(bare, "dog")
+    # "dog" and "hot dog" name the concept's word: both dropped.
+    assert len(coco) == 78 and "a photo of a cat" in coco and "an apple" not in coco
+    assert "a photo of an apple" in coco and not any("dog" in p.split() for p in coco)
+    file = tmp_path / "keep.txt"
+    file.write_text("\ufeff# styles to keep\na painting by Monet\n\na painting by Picasso\n")
+    assert retain_prompts(chosen, "Van Gogh", str(file)) == ("a painting by Monet",
+                                                              "a painting by Picasso")
+
+
+def test_the_toy_retain_set_is_its_world_without_the_concept():
+    from conceptctl.toy.anchors import toy_anchor_set
+    from conceptctl.toy.world import STYLE_WORDS
+
+    style = toy_anchor_set("Van Gogh", "painting", "style")
+    assert len(style.retain) == 6 * 3 * 5  # objects x the other styles x colours
+    assert not any(word.lower() in p.lower() for p in style.retain
+                   for word in STYLE_WORDS["van-gogh"])
+    assert any("Picasso" in p for p in style.retain) and any("Monet" in p for p in style.retain)
+    obj = toy_anchor_set("church", "house", "object")
+    assert len(obj.retain) == 5 * 4 * 5
+    assert not any("church" in p or "chapel" in p for p in obj.retain)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--retain-prompts is only used by adversarial erasure"),
+    (["--adversarial"], "retain prompt file not found"),
+])
+def test_bad_retain_prompts_are_one_clear_line(cli, tiny_sd1, tmp_path, extra, message):
+    result = cli("erase", "church", "--anchor", "house", "-b", tiny_sd1, "--steps", "2",
+                 "--retain-prompts", tmp_path / "missing.txt", *extra, "-o", tmp_path / "out")
+    assert result.code != 0
+    assert result.err.strip().splitlines()[0].startswith("error:")
+    assert message in result.err.strip().splitlines()[0]
+    assert not (tmp_path / "out").exists()

@@ -70,6 +70,13 @@ def erase(
         show_default=False)] = None,
     adversarial_lr: Annotated[float | None, typer.Option(
         help="--adversarial: the attack's Adam rate (0.01).", show_default=False)] = None,
+    adversarial_retain: Annotated[float | None, typer.Option(
+        help="--adversarial: weight of the retain loss that keeps the original's predictions "
+        "for prompts without the concept (1; 0: off).", show_default=False)] = None,
+    retain_prompts: Annotated[Path | None, typer.Option(
+        help="--adversarial: file of retain prompts, one per line (default: the anchor "
+        "selector's, else photos of the 80 COCO objects).", dir_okay=False,
+        show_default=False)] = None,
     seed: options.Seed = 0,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact folder "
                                                 "(default: erased/<concept>-<method>).",
@@ -117,7 +124,9 @@ def erase(
                checkpointing_steps=checkpointing_steps,
                checkpoints_total_limit=checkpoints_total_limit, adversarial=adversarial,
                adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
-               adversarial_tokens=adversarial_tokens, adversarial_lr=adversarial_lr)
+               adversarial_tokens=adversarial_tokens, adversarial_lr=adversarial_lr,
+               adversarial_retain=adversarial_retain,
+               retain_prompts=str(retain_prompts) if retain_prompts else None)
     if resume is not None and output is None:
         raise UsageError("--resume needs --output: the folder of the run to continue")
     out = output or next_free_dir(Path("erased") / f"{slug(concept)}-{cfg.method}")

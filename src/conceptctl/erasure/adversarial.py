@@ -8,7 +8,9 @@ prompt of the batch (continuous, in the text encoder's input-embedding space, as
 prediction for the attacked prompt matches the original model's prediction for the plain target
 prompt on the batch's own x_t: the concept as the original drew it. The outer step then erases
 on the attacked prompts as extra target rows, next to the usual ones (same anchor latents, t and
-ε); preservation keeps its own prior batch.
+ε); preservation keeps its own prior batch, and adds AdvUnlearn's retain loss: on the batch's
+x_t, the model's prediction for a random retain prompt (one without the concept) is held to the
+original model's, with weight ``retain_weight`` (AdvUnlearn's ``retain_loss_w``, 1).
 
 Each target prompt keeps its attack between refreshes and the next attack starts from it
 (AdvUnlearn's ``--attack_init latest``): an adversary that follows the model through training
@@ -31,7 +33,8 @@ class PromptAdversary(torch.nn.Module):
 
     def __init__(self, backbone, frozen_unet: torch.nn.Module, prompts: list[str], *,
                  tokens: int, steps: int, every: int, lr: float, seed: int,
-                 world: int = 1) -> None:
+                 world: int = 1, retain: tuple[str, ...] = (),
+                 retain_weight: float = 1.0) -> None:
         super().__init__()
         if world > 1:
             raise UsageError("--adversarial runs in one process only",
@@ -41,6 +44,10 @@ class PromptAdversary(torch.nn.Module):
         self.__dict__["_frozen"] = frozen_unet
         self.__dict__["_encoder"] = SoftPromptEncoder(backbone, prompts, tokens)
         self.tokens, self.steps, self.every, self.lr = tokens, steps, every, lr
+        self.retain_weight = retain_weight if retain else 0.0
+        # Encoded once (the text encoder is frozen); not state: the settings rebuild them.
+        with torch.no_grad():
+            self.__dict__["_retain"] = backbone.encode_prompts(list(retain)) if retain else None
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("words", self._encoder.random_words(generator))
         # The attack stays among word-sized embeddings: no soft token longer than the longest
@@ -64,6 +71,19 @@ class PromptAdversary(torch.nn.Module):
             self._refresh(x_t, t, rows, target_text)
         with torch.no_grad():
             return self._encoder(self.words[rows], rows.tolist()).to(target_text.dtype)
+
+    def retain_loss(self, x_t: torch.Tensor, t: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor | None:
+        """``retain_weight`` × MSE between the model's and the original's predictions for one
+        random retain prompt per row on ``x_t``; None without retain prompts or weight."""
+        if not self.retain_weight:
+            return None
+        pick = torch.randint(0, len(self._retain), (len(x_t),), generator=generator)
+        text = self._retain[pick].to(device=x_t.device, dtype=x_t.dtype)
+        with torch.no_grad():
+            goal = self._frozen(x_t, t, text).sample
+        pred = self._backbone.unet(x_t, t, text).sample
+        return self.retain_weight * F.mse_loss(pred.float(), goal.float())
 
     def _refresh(self, x_t, t, rows: torch.Tensor, target_text) -> None:
         backbone = self._backbone
@@ -89,10 +109,12 @@ class PromptAdversary(torch.nn.Module):
         self.words[unique] = soft.detach()
 
 
-def build_adversary(backbone, frozen_unet, cfg, prompts: list[str], world: int = 1):
+def build_adversary(backbone, frozen_unet, cfg, prompts: list[str], world: int = 1,
+                    retain: tuple[str, ...] = ()):
     """The run's inner attacker, or None without ``--adversarial``."""
     if not cfg.adversarial:
         return None
     return PromptAdversary(backbone, frozen_unet, prompts, tokens=cfg.adversarial_tokens,
                            steps=cfg.adversarial_steps, every=cfg.adversarial_every,
-                           lr=cfg.adversarial_lr, seed=cfg.seed, world=world)
+                           lr=cfg.adversarial_lr, seed=cfg.seed, world=world, retain=retain,
+                           retain_weight=cfg.adversarial_retain)

@@ -30,10 +30,12 @@ _NUDITY_WORDS = {"nudity", "nude", "naked", "nsfw"}
 @dataclass(frozen=True)
 class AnchorSet:
     """Paired captions: ``anchor[i]`` is drawn by the original model; ``target[i]`` asks for the
-    concept in the same context."""
+    concept in the same context. ``retain``: prompts without the concept whose predictions
+    adversarial erasure keeps as the original model's (empty: the built-in everyday ones)."""
 
     anchor: tuple[str, ...]
     target: tuple[str, ...]
+    retain: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.anchor) != len(self.target) or not self.anchor:
@@ -152,18 +154,51 @@ def template_anchor_set(concept: str, anchor: str, kind: ConceptType,
                                            for a in anchors))
 
 
-def file_anchor_set(path: Path, concept: str, anchor: str, kind: ConceptType) -> AnchorSet:
-    """``prompt-file`` selector: one anchor prompt per line (``#`` comments, blanks skipped)."""
+def read_prompt_lines(path: Path, what: str) -> tuple[str, ...]:
+    """The prompts of a file, one per line (``#`` comments and blank lines skipped)."""
     if not path.is_file():
-        raise UsageError(f"anchor prompt file not found: {path}")
+        raise UsageError(f"{what} file not found: {path}")
     try:  # utf-8-sig: a byte-order mark is not part of the first prompt
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not UTF-8 text", hint="save the file as UTF-8") from None
     except OSError as exc:
-        raise UsageError(f"cannot read anchor prompt file {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {what} file {path}: {exc.strerror}") from None
     lines = [line.strip() for line in text.splitlines()]
-    anchors = tuple(line for line in lines if line and not line.startswith("#"))
-    if not anchors:
-        raise UsageError(f"{path} holds no anchor prompts (one per line)")
+    prompts = tuple(line for line in lines if line and not line.startswith("#"))
+    if not prompts:
+        raise UsageError(f"{path} holds no {what}s (one per line)")
+    return prompts
+
+
+def file_anchor_set(path: Path, concept: str, anchor: str, kind: ConceptType) -> AnchorSet:
+    """``prompt-file`` selector: one anchor prompt per line (``#`` comments, blanks skipped)."""
+    anchors = read_prompt_lines(path, "anchor prompt")
     return AnchorSet(anchors, tuple(derive_target(a, concept, anchor, kind) for a in anchors))
+
+
+# Adversarial erasure's retain set when a selector gives none: AdvUnlearn's choice, photos of
+# the 80 COCO object classes ("a photo of a …"), minus any that names the concept.
+COCO_OBJECTS = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+
+
+def retain_prompts(anchors: AnchorSet, concept: str, file: str | None = None) -> tuple[str, ...]:
+    """What adversarial erasure keeps: the user's file, else the selector's retain set, else
+    the built-in COCO object photos; never a prompt that names the concept."""
+    if file is not None:
+        return read_prompt_lines(Path(file), "retain prompt")
+    prompts = anchors.retain or tuple(fix_articles(f"a photo of a {name}")
+                                      for name in COCO_OBJECTS)
+    named = re.compile(rf"\b{re.escape(concept.strip())}\b", re.IGNORECASE)
+    return tuple(p for p in prompts if not named.search(p))

@@ -53,12 +53,15 @@ class EraseConfig:
     # Adversarial erasure (conceptctl.erasure.adversarial): every ``adversarial_every`` generator
     # steps an inner attack of ``adversarial_steps`` Adam steps (rate ``adversarial_lr``) on
     # ``adversarial_tokens`` soft tokens per target prompt; the outer step erases on the attacked
-    # prompts too.
+    # prompts too, and keeps the original's predictions on the retain prompts (weight
+    # ``adversarial_retain``; ``retain_prompts``: a file, else the anchor selector's retain set).
     adversarial: bool = False
     adversarial_tokens: int = 3
     adversarial_steps: int = 4
     adversarial_every: int = 1
     adversarial_lr: float = 0.01
+    adversarial_retain: float = 1.0
+    retain_prompts: str | None = None
     seed: int = 0
     checkpoints_total_limit: int = 2
     # The recipe: None takes the preset's value (RECIPE and the presets below).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conceptctl.erasure.methods import Context, StepStats, esd_goal
+from conceptctl.erasure.methods import Context, StepStats, esd_goal, plus_optional, retain_loss
 from conceptctl.errors import UsageError
 
 DDIM_STEPS = 50  # the reference's ddim_steps (the esd_sampling_steps setting's default)
@@ -98,5 +98,5 @@ class EsdX:
             x_t, t, goal = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([goal, goal])
             text = torch.cat([text, attacked])
         loss = F.mse_loss(unet(x_t, t, text).sample.float(), goal.float())
-        ctx.precision.backward(loss)
+        ctx.precision.backward(plus_optional(loss, retain_loss(ctx, x_t, t)))
         return StepStats(loss=loss.item())

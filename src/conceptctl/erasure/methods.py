@@ -137,6 +137,20 @@ def with_attacked_rows(ctx: Context, batch: Batch, x_t, noise, t, step: int):
     return more, twice(x_t), twice(noise), twice(t)
 
 
+def retain_loss(ctx: Context, x_t, t) -> torch.Tensor | None:
+    """With ``--adversarial``: the retain loss (conceptctl.erasure.adversarial) on the batch's own
+    rows (the first half of x_t after :func:`with_attacked_rows`); None without."""
+    if ctx.adversary is None:
+        return None
+    rows = len(x_t) // 2
+    return ctx.adversary.retain_loss(x_t[:rows], t[:rows], ctx.generator)
+
+
+def plus_optional(loss: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """``loss + extra``, or ``loss`` when there is no extra term."""
+    return loss if extra is None else loss + extra
+
+
 PRIOR_BATCHES = ("separate", "shared")
 # What D's update is the gradient of: "own" its own loss (the method), or "reference" its loss
 # plus the generator's adversarial loss, as the authors' code does by never clearing D's
@@ -230,7 +244,8 @@ class DoCo:
         # Preserving gradient g_p: keep denoising anchor images under their own captions.
         with timer("student forward, preserving"):
             own = batch if self.prior_batch == "separate" else replace(batch, prior=None)
-            prior = _preserving_loss(ctx, own, x_t, noise, t)
+            prior = plus_optional(_preserving_loss(ctx, own, x_t, noise, t),
+                                  retain_loss(ctx, x_t, t))
             if dist.world > 1:
                 prior = prior * batch.share  # summed over processes: the whole batch's mean
         with timer("student backward, preserving"):
@@ -281,11 +296,12 @@ class AblatingConcepts:
             goal = unet(x_t, t, batch.anchor_text).sample
         loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
                           goal.float())
+        retain = retain_loss(ctx, x_t, t)
         if not self.prior_weight:
-            ctx.precision.backward(loss)
+            ctx.precision.backward(plus_optional(loss, retain))
             return StepStats(loss=loss.item())
         prior = _preserving_loss(ctx, batch, x_t, noise, t)
-        ctx.precision.backward(loss + self.prior_weight * prior)
+        ctx.precision.backward(plus_optional(loss + self.prior_weight * prior, retain))
         return StepStats(loss=loss.item(), preserve_loss=prior.item())
 
 
@@ -313,5 +329,5 @@ class EsdXOnAnchors:
         goal = esd_goal(ctx, x_t, t, batch.target_text, batch.empty_text, self.eta)
         loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
                           goal.float())
-        ctx.precision.backward(loss)
+        ctx.precision.backward(plus_optional(loss, retain_loss(ctx, x_t, t)))
         return StepStats(loss=loss.item())

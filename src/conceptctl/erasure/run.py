@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from conceptctl.erasure.anchors import CONCEPT_TYPES
+from conceptctl.erasure.anchors import CONCEPT_TYPES, read_prompt_lines, retain_prompts
 from conceptctl.erasure.artifact import (
     artifact_card,
     base_record,
@@ -79,6 +79,11 @@ def check_config(cfg: EraseConfig) -> None:
     if not cfg.anchor.strip():
         raise UsageError("the anchor concept is empty", hint="--anchor names what the concept "
                          "should become, e.g. --anchor painting")
+    if cfg.retain_prompts is not None and not cfg.adversarial:
+        raise UsageError("--retain-prompts is only used by adversarial erasure",
+                         hint="add --adversarial, or leave --retain-prompts out")
+    if cfg.retain_prompts is not None:  # a bad file fails now, not after the anchor images
+        read_prompt_lines(Path(cfg.retain_prompts), "retain prompt")
     if " ".join(cfg.concept.lower().split()) == " ".join(cfg.anchor.lower().split()):
         raise UsageError(f"the anchor equals the concept ({cfg.concept!r})",
                          hint="choose an anchor the concept should turn into, e.g. church -> "
@@ -122,7 +127,7 @@ def check_config(cfg: EraseConfig) -> None:
 _FLOAT_MINIMA = {"lr": (0, False), "d_lr": (0, False), "max_grad_norm": (0, False),
                  "weight_decay": (0, True), "surgery_strength": (0, True),
                  "prior_weight": (0, True), "esd_eta": (0, True), "anchor_guidance": (0, True),
-                 "adversarial_lr": (0, False)}
+                 "adversarial_lr": (0, False), "adversarial_retain": (0, True)}
 
 
 def _check_numbers(cfg: EraseConfig) -> None:
@@ -221,10 +226,12 @@ def _adamw(params: list[torch.nn.Parameter], cfg: EraseConfig) -> torch.optim.Op
 
 
 def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None,
-                     prompts: list[str] | None = None) -> Training:
+                     prompts: list[str] | None = None,
+                     retain: tuple[str, ...] = ()) -> Training:
     """Select the trained tensors, make the frozen copy, build the method and optimisers.
     ``prompts``: the target prompts the batches index (with ``--adversarial``, what the inner
-    attack attacks; None: the concept alone, for a method that makes its own latents)."""
+    attack attacks; None: the concept alone, for a method that makes its own latents);
+    ``retain``: the prompts whose predictions it keeps (conceptctl.erasure.anchors)."""
     from conceptctl.erasure.adversarial import build_adversary
     from conceptctl.erasure.distributed import SingleProcess
 
@@ -245,7 +252,8 @@ def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None,
     precision = Precision(cfg.mixed_precision, backbone.device.type)
     extra = {"timer": timer} if timer is not None else {}
     dist = dist or SingleProcess()
-    adversary = build_adversary(backbone, frozen, cfg, prompts or [cfg.concept], dist.world)
+    adversary = build_adversary(backbone, frozen, cfg, prompts or [cfg.concept], dist.world,
+                                retain)
     context = Context(backbone=backbone, frozen_unet=frozen, params=params,
                       generator=state.generator, precision=precision, dist=dist,
                       adversary=adversary, **extra)
@@ -317,6 +325,7 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     apply_speed_settings(cfg, backbone.device)
     notes: list[str] = []
     selector, anchors = _anchor_prompts(cfg, backbone, report, notes)
+    retain = retain_prompts(anchors, cfg.concept, cfg.retain_prompts) if cfg.adversarial else ()
     anchor_settings = _anchor_sampling(cfg, anchors, backbone)
     # A method that makes its own training latents (esd-x) needs no anchor images.
     uses_images = getattr(get_registry("method").get(cfg.method), "uses_anchor_images", True)
@@ -337,8 +346,9 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
                                 if uses_images else (None, False, None))
     anchor_seconds = time.time() - t0
 
-    training = prepare_training(backbone, cfg, dist=dist,
-                                prompts=list(anchors.target) if uses_images else None)
+    training = prepare_training(
+        backbone, cfg, dist=dist, prompts=list(anchors.target) if uses_images else None,
+        retain=retain)
     _resume(training, resume_from, resume, dist, report)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import random
 import warnings
 
 from conceptctl.erasure.anchors import AnchorSet, template_anchor_set
-from conceptctl.toy.world import COLORS, OBJECTS, STYLES, Concept, axis_of, caption
+from conceptctl.toy.world import COLORS, OBJECTS, STYLES, Concept, all_concepts, axis_of, caption
 
 
 class UnknownToyConceptWarning(UserWarning):
@@ -45,4 +45,7 @@ def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
                 anchors.append(caption(make(anchor_value), rng))
                 rng.setstate(state)  # same template and synonyms for the paired target
                 targets.append(caption(make(target_value), rng))
-    return AnchorSet(tuple(anchors), tuple(targets))
+    # Retain set (adversarial erasure): one caption of every point of the world without the
+    # concept, the anchor's included, in the training templates.
+    retain = tuple(caption(c, rng) for c in all_concepts() if getattr(c, axis) != target_value)
+    return AnchorSet(tuple(anchors), tuple(targets), retain)
