@@ -52,8 +52,8 @@ class PromptAdversary(torch.nn.Module):
         self.register_buffer("words", self._encoder.random_words(generator))
         # The attack stays among word-sized embeddings: no soft token longer than the longest
         # word of the vocabulary. Unbounded, the warm-started tokens drift to several times
-        # that (measured: 3.3 against words' 1.07 on the toy), and erasing on them erased other
-        # styles with the concept.
+        # that (measured: 3.3 against words' 1.07 on the toy), far from any prompt a user can
+        # type. (The bound alone did not stop DoCo moving other styles; see docs/erase.md.)
         table = backbone.text_encoder.get_input_embeddings().weight
         self.max_norm = float(table.detach().float().norm(dim=-1).max())
         backbone.text_encoder.requires_grad_(False)
