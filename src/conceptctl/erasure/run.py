@@ -79,11 +79,11 @@ def check_config(cfg: EraseConfig) -> None:
     if not cfg.anchor.strip():
         raise UsageError("the anchor concept is empty", hint="--anchor names what the concept "
                          "should become, e.g. --anchor painting")
-    if cfg.retain_prompts is not None and not cfg.adversarial:
-        raise UsageError("--retain-prompts is only used by adversarial erasure",
-                         hint="add --adversarial, or leave --retain-prompts out")
-    if cfg.retain_prompts is not None:  # a bad file fails now, not after the anchor images
-        read_prompt_lines(Path(cfg.retain_prompts), "retain prompt")
+    if cfg.retain_prompts is not None:
+        if not cfg.adversarial:
+            raise UsageError("--retain-prompts is only used by adversarial erasure",
+                             hint="add --adversarial, or leave --retain-prompts out")
+        read_prompt_lines(Path(cfg.retain_prompts), "retain prompt")  # fails before any work
     if " ".join(cfg.concept.lower().split()) == " ".join(cfg.anchor.lower().split()):
         raise UsageError(f"the anchor equals the concept ({cfg.concept!r})",
                          hint="choose an anchor the concept should turn into, e.g. church -> "
