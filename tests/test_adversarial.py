@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conceptctl.erasure.anchors import AnchorSet, retain_prompts
 from conceptctl.erasure.artifact import read_artifact
-from conceptctl.erasure.methods import Batch, retain_loss, with_attacked_rows
+from conceptctl.erasure.methods import Batch, PriorBatch, retain_loss, with_attacked_rows
 from conceptctl.erasure.run import erase, prepare_training
 from conceptctl.testing import tiny_erase_config
 
@@ -131,16 +131,21 @@ def test_attacked_rows_double_the_batch_and_keep_the_prior(backbone, tiny_sd1):
     ctx = training.context
     x_t, t, prompts, text = _inputs(backbone, [1, 2])
     noise = torch.randn_like(x_t)
+    prior = PriorBatch(latents=x_t, text=text + 1, timesteps=t, noise=noise)
     batch = Batch(latents=x_t, anchor_text=text * 0, target_text=text,
                   empty_text=text[:1].expand(2, -1, -1), timesteps=t, noise=noise,
-                  prompts=prompts, prior="prior stays")
+                  prompts=prompts, prior=prior)
     more, x2, n2, t2 = with_attacked_rows(ctx, batch, x_t, noise, t, step=1)
     assert len(more.latents) == len(x2) == len(n2) == len(t2) == 4
     assert torch.equal(x2[2:], x_t) and torch.equal(t2[2:], t) and torch.equal(n2[2:], noise)
-    assert torch.equal(more.target_text[:2], text)
-    assert not torch.equal(more.target_text[2:], text)  # the attacked prompts
+    student = more.for_student()
+    assert torch.equal(student.target_text[:2], text)
+    assert not torch.equal(student.target_text[2:], text)  # the attacked prompts
+    # The frozen model keeps the plain prompt on the attacked rows (AdvUnlearn's goal).
+    assert torch.equal(more.target_text, torch.cat([text, text]))
     assert torch.equal(more.anchor_text[2:], batch.anchor_text)
-    assert more.prior == "prior stays"
+    assert torch.equal(student.anchor_text, more.anchor_text)
+    assert more.prior is prior and torch.equal(student.prior_text, prior.text)
     training.context.adversary = None
     assert with_attacked_rows(ctx, batch, x_t, noise, t, step=1)[0] is batch
 

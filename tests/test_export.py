@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
 from conceptctl.backbones.loading import open_backbone
 from conceptctl.erasure.artifact import apply_artifact, read_artifact, write_artifact
 from conceptctl.export import Exporter
@@ -30,12 +31,25 @@ PROMPT = "a red church"
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_sd1, tiny_sd2, tmp_path_factory):
-    """flavor -> (base folder, artifact folder): the cross-attention k/v tensors perturbed."""
+    """flavor -> (base folder, artifact folder): the cross-attention k/v tensors perturbed
+    ("sd1", "sd2"), or the text encoder's layers, as --params text-encoder trains them
+    ("sd1-te", "sd2-te")."""
+    from conceptctl.erasure.params import select_parameters
+
     made = {}
-    for flavor, base in (("sd1", tiny_sd1), ("sd2", tiny_sd2)):
+    for flavor, base in (("sd1", tiny_sd1), ("sd2", tiny_sd2), ("sd1-te", tiny_sd1),
+                         ("sd2-te", tiny_sd2)):
         model = open_backbone(str(base), device="cpu", dtype="float32")
-        made[flavor] = base, write_test_artifact(model, tmp_path_factory.mktemp(flavor) / "art")
+        names = sorted(select_parameters(model, "text-encoder")) if "-te" in flavor else None
+        made[flavor] = base, write_test_artifact(model, tmp_path_factory.mktemp(flavor) / "art",
+                                                 names=names)
     return made
+
+
+def _named(pipe) -> dict[str, torch.Tensor]:
+    """A pipeline's tensors named as artifacts name them (the text encoder's prefixed)."""
+    return {**dict(pipe.unet.named_parameters()),
+            **{TEXT_ENCODER_PREFIX + k: v for k, v in pipe.text_encoder.named_parameters()}}
 
 
 def _erased(base, artifact):
@@ -72,7 +86,7 @@ def _sampled(cli, out, *args):
 # --- diffusers folder ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flavor", ["sd1", "sd2"])
+@pytest.mark.parametrize("flavor", ["sd1", "sd2", "sd1-te", "sd2-te"])
 def test_diffusers_folder_draws_what_sample_model_draws(artifacts, flavor, tmp_path, cli):
     base, artifact = artifacts[flavor]
     out = tmp_path / "folder"
@@ -104,7 +118,9 @@ def test_diffusers_folder_draws_what_sample_model_draws(artifacts, flavor, tmp_p
 
 
 @pytest.mark.parametrize(("flavor", "naming"), [("sd1", "diffusers"), ("sd1", "kohya"),
-                                                ("sd2", "diffusers"), ("sd2", "kohya")])
+                                                ("sd2", "diffusers"), ("sd2", "kohya"),
+                                                ("sd1-te", "diffusers"), ("sd1-te", "kohya"),
+                                                ("sd2-te", "diffusers"), ("sd2-te", "kohya")])
 def test_full_rank_lora_draws_the_erased_images(artifacts, flavor, naming, tmp_path):
     base, artifact = artifacts[flavor]
     out = tmp_path / "lora.safetensors"
@@ -117,11 +133,14 @@ def test_full_rank_lora_draws_the_erased_images(artifacts, flavor, naming, tmp_p
     np.testing.assert_allclose(_draw(pipe), _draw(_erased(base, artifact)), atol=1e-5)
     keys = set(load_file(out))
     if naming == "kohya":
-        assert all(k.startswith("lora_unet_") for k in keys)
-        assert ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha"
-                in keys)
+        assert all(k.startswith("lora_te_" if "-te" in flavor else "lora_unet_") for k in keys)
+        # The text encoder's names as A1111 and kohya's scripts write them (CLIP's 'text_model.').
+        assert ("lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" if "-te" in flavor
+                else "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha"
+                ) in keys
     else:
-        assert all(k.startswith("unet.") and ".lora_" in k for k in keys)
+        part = "text_encoder.text_model." if "-te" in flavor else "unet."
+        assert all(k.startswith(part) and ".lora_" in k for k in keys)
     assert _header(out)["kind"] == "lora"
 
 
@@ -209,8 +228,8 @@ def test_conv_weights_become_conv_adapters(tiny_sd1, tmp_path):
 # --- single file -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flavor", ["sd1", "sd2"])
-def test_single_file_loads_back_with_the_erased_unet(artifacts, flavor, tmp_path, cli):
+@pytest.mark.parametrize("flavor", ["sd1", "sd2", "sd1-te", "sd2-te"])
+def test_single_file_loads_back_with_the_erased_model(artifacts, flavor, tmp_path, cli):
     base, artifact = artifacts[flavor]
     out = tmp_path / "model.safetensors"
     result = cli("export", artifact, "--format", "single-file", "--out", out)
@@ -218,7 +237,7 @@ def test_single_file_loads_back_with_the_erased_unet(artifacts, flavor, tmp_path
 
     # config= names the base folder: from_single_file would otherwise ask the hub (offline).
     loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(base), **NO_CHECKER)
-    params = dict(loaded.unet.named_parameters())
+    params = _named(loaded)
     for name, value in read_artifact(artifact).weights.items():
         assert torch.equal(params[name], value), name
     np.testing.assert_array_equal(_draw(loaded), _draw(_erased(base, artifact)))
@@ -261,6 +280,34 @@ def test_delta_holds_only_changed_tensors_and_samples_like_the_artifact(tiny_sd1
     export_artifact(out, "delta", again)
     assert all(torch.equal(v, delta[k]) for k, v in load_file(again).items())
     assert _header(again)["base"]["tensors_digest"] == info["base"]["tensors_digest"]
+
+
+def test_a_text_encoder_delta_samples_like_its_artifact(artifacts, tmp_path, cli):
+    base, artifact = artifacts["sd1-te"]
+    out = tmp_path / "te.delta.safetensors"
+    result = cli("export", artifact, "--format", "delta", "--out", out)
+    assert result.code == 0, result.err
+    delta = load_file(out)
+    assert set(delta) == set(read_artifact(artifact).weights)
+    assert all(k.startswith(TEXT_ENCODER_PREFIX) for k in delta)
+    from_delta = _sampled(cli, tmp_path / "a", "--model", out)
+    np.testing.assert_array_equal(from_delta, _sampled(cli, tmp_path / "b", "--model", artifact))
+    assert not np.array_equal(from_delta, _sampled(cli, tmp_path / "c", "-b", base))
+
+
+def test_a_toy_text_encoder_lora_is_refused_in_one_line(tmp_path, cli):
+    # The toy's encoder is a BERT: LoRA readers rename text-encoder adapters the CLIP way only.
+    from conceptctl.erasure.params import select_parameters
+
+    model = open_backbone("toy", device="cpu", dtype="float32")
+    artifact = write_test_artifact(model, tmp_path / "art", names=sorted(
+        select_parameters(model, "text-encoder")))
+    for naming in ("diffusers", "kohya"):
+        out = tmp_path / f"{naming}.safetensors"
+        result = cli("export", artifact, "--format", "lora", "--lora-format", naming, "--out",
+                     out)
+        assert result.code == 1 and "into CLIP text encoders only" in result.err
+        assert "delta" in result.err and not out.exists()
 
 
 def test_delta_and_artifact_refuse_another_base_unless_forced(artifacts, tmp_path, cli):

@@ -198,19 +198,19 @@ def write_test_artifact(backbone, out_dir: str | Path, *, names=None, scale: flo
                         seed: int = 0, concept: str = "church", anchor: str = "house") -> Path:
     """Write an erasure artifact in seconds, without training, for testing what consumes one.
 
-    The chosen UNet tensors of the loaded ``backbone`` (default: DoCo's cross-attention keys and
-    values) become their base values plus seeded Gaussian noise of ``scale`` times each tensor's
-    RMS: a full-rank change, in the real artifact format with the base's real hash. The backbone
-    itself is left unchanged.
+    The chosen tensors of the loaded ``backbone`` (names as ``Backbone.named_tensors``; default:
+    DoCo's cross-attention keys and values) become their base values plus seeded Gaussian noise
+    of ``scale`` times each tensor's RMS: a full-rank change, in the real artifact format with
+    the base's real hash. The backbone itself is left unchanged.
     """
     import torch
 
     from conceptctl.erasure.artifact import FORMAT_VERSION, base_record, write_artifact
     from conceptctl.erasure.params import select_parameters
 
-    params = dict(backbone.unet.named_parameters())
+    params = backbone.named_tensors()
     chosen = list(names) if names is not None else list(
-        select_parameters(backbone.unet, "cross-attn-kv"))
+        select_parameters(backbone, "cross-attn-kv"))
     generator = torch.Generator().manual_seed(seed)
     weights = {}
     for name in chosen:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from diffusers import DDPMScheduler, DiffusionPipeline
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# How artifacts, checkpoints and exports name the text encoder's tensors: its own parameter names
+# under this prefix (the UNet's keep their bare names, as in every artifact before the prefix).
+TEXT_ENCODER_PREFIX = "text_encoder."
 # The scheduler-config entries that define the training noise schedule (and what is predicted).
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                  "trained_betas", "rescale_betas_zero_snr", "prediction_type")
@@ -96,6 +99,13 @@ class Backbone:
         """The *sampling* scheduler (for drawing images). Training-time maths uses
         :attr:`noise_schedule` through :meth:`add_noise` and friends instead."""
         return self.pipeline.scheduler
+
+    def named_tensors(self) -> dict[str, torch.nn.Parameter]:
+        """Every parameter an erasure can change, by the name artifacts give it: the UNet's
+        under their own names, the text encoder's under :data:`TEXT_ENCODER_PREFIX`."""
+        return {**dict(self.unet.named_parameters()),
+                **{TEXT_ENCODER_PREFIX + name: p
+                   for name, p in self.text_encoder.named_parameters()}}
 
     # --- facts read from the model's configuration -------------------------------------------
     @property

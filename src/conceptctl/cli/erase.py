@@ -41,7 +41,8 @@ def erase(
         help="Use the first N built-in template anchor prompts (all 200 by default, the "
         "reference's count; fewer is quicker).", min=1, show_default=False)] = None,
     params: Annotated[str | None, typer.Option(
-        help="Trained parameters: cross-attn-kv, cross-attn or full (preset: the method's).",
+        help="Trained parameters: cross-attn-kv, cross-attn, full (UNet) or text-encoder "
+        "(preset: the method's).",
         show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps (preset).", min=1,
                                               show_default=False)] = None,

@@ -16,6 +16,10 @@ Each target prompt keeps its attack between refreshes and the next attack starts
 (AdvUnlearn's ``--attack_init latest``): an adversary that follows the model through training
 for the cost of a few steps per refresh. These embeddings are part of the run's state
 (checkpointed and resumed with it); they are not part of the artifact.
+
+With ``--params text-encoder`` (AdvUnlearn's own setting) the attacked and retain prompts are
+encoded by the text encoder being trained, with gradients, so the outer step trains the encoder
+on them; the original model's side keeps the original encoder's embeddings.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conceptctl.backbones.soft_prompt import SoftPromptEncoder
+from conceptctl.backbones.soft_prompt import PromptEncoder, SoftPromptEncoder
+from conceptctl.erasure.params import trains_text_encoder
 from conceptctl.errors import UsageError
 
 
@@ -34,7 +39,7 @@ class PromptAdversary(torch.nn.Module):
     def __init__(self, backbone, frozen_unet: torch.nn.Module, prompts: list[str], *,
                  tokens: int, steps: int, every: int, lr: float, seed: int,
                  world: int = 1, retain: tuple[str, ...] = (),
-                 retain_weight: float = 1.0) -> None:
+                 retain_weight: float = 1.0, trains_text_encoder: bool = False) -> None:
         super().__init__()
         if world > 1:
             raise UsageError("--adversarial runs in one process only",
@@ -45,9 +50,13 @@ class PromptAdversary(torch.nn.Module):
         self.__dict__["_encoder"] = SoftPromptEncoder(backbone, prompts, tokens)
         self.tokens, self.steps, self.every, self.lr = tokens, steps, every, lr
         self.retain_weight = retain_weight if retain else 0.0
-        # Encoded once (the text encoder is frozen); not state: the settings rebuild them.
+        # The original model's side, encoded once by the original text encoder (this runs
+        # before any step, and before a resumed run's weights load); not state: the settings
+        # rebuild them. The student's side: the same prompts, afresh when the encoder trains.
         with torch.no_grad():
             self.__dict__["_retain"] = backbone.encode_prompts(list(retain)) if retain else None
+        self.__dict__["_retain_student"] = (PromptEncoder(backbone, list(retain))
+                                            if retain and trains_text_encoder else None)
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("words", self._encoder.random_words(generator))
         # The attack stays among word-sized embeddings: no soft token longer than the longest
@@ -56,7 +65,6 @@ class PromptAdversary(torch.nn.Module):
         # type. (The bound alone did not stop DoCo moving other styles; see docs/erase.md.)
         table = backbone.text_encoder.get_input_embeddings().weight
         self.max_norm = float(table.detach().float().norm(dim=-1).max())
-        backbone.text_encoder.requires_grad_(False)
 
     def due(self, step: int) -> bool:
         """Whether the attack runs before generator step ``step`` (it runs at the first one)."""
@@ -65,12 +73,12 @@ class PromptAdversary(torch.nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, prompts: torch.Tensor,
                 target_text: torch.Tensor, step: int) -> torch.Tensor:
         """Encoder states of the attacked target prompts (one per row of the batch), after
-        refreshing the attack on these rows when it is due; no gradient flows out."""
+        refreshing the attack on these rows when it is due. Gradients flow out to the text
+        encoder's weights when they train, never to the attack's embeddings."""
         rows = prompts.cpu()
         if self.due(step):
             self._refresh(x_t, t, rows, target_text)
-        with torch.no_grad():
-            return self._encoder(self.words[rows], rows.tolist()).to(target_text.dtype)
+        return self._encoder(self.words[rows], rows.tolist()).to(target_text.dtype)
 
     def retain_loss(self, x_t: torch.Tensor, t: torch.Tensor,
                     generator: torch.Generator) -> torch.Tensor | None:
@@ -82,6 +90,8 @@ class PromptAdversary(torch.nn.Module):
         text = self._retain[pick].to(device=x_t.device, dtype=x_t.dtype)
         with torch.no_grad():
             goal = self._frozen(x_t, t, text).sample
+        if self._retain_student is not None:
+            text = self._retain_student(pick).to(x_t.dtype)
         pred = self._backbone.unet(x_t, t, text).sample
         return self.retain_weight * F.mse_loss(pred.float(), goal.float())
 
@@ -99,7 +109,7 @@ class PromptAdversary(torch.nn.Module):
             states = self._encoder(soft[inverse], listed)
             pred = unet(x_t, t, states.to(x_t.dtype)).sample
             loss = F.mse_loss(pred.float(), goal)
-            # Only the embeddings' gradient: the UNet's trained tensors must not collect any.
+            # Only the embeddings' gradient: the trained tensors must not collect any.
             (grad,) = torch.autograd.grad(loss, [soft])
             soft.grad = grad
             optimizer.step()
@@ -117,4 +127,5 @@ def build_adversary(backbone, frozen_unet, cfg, prompts: list[str], world: int =
     return PromptAdversary(backbone, frozen_unet, prompts, tokens=cfg.adversarial_tokens,
                            steps=cfg.adversarial_steps, every=cfg.adversarial_every,
                            lr=cfg.adversarial_lr, seed=cfg.seed, world=world, retain=retain,
-                           retain_weight=cfg.adversarial_retain)
+                           retain_weight=cfg.adversarial_retain,
+                           trains_text_encoder=trains_text_encoder(cfg.params))

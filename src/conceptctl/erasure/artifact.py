@@ -1,6 +1,7 @@
 """The erasure artifact: a folder that says exactly what it is.
 
-    weights.safetensors   the trained tensors' new VALUES (not deltas), UNet parameter names;
+    weights.safetensors   the trained tensors' new VALUES (not deltas), UNet parameter names
+                          (the text encoder's under ``text_encoder.``, --params text-encoder);
                           the header carries the concept, anchor, method and base identity
     conceptctl.json       format version, base backbone identity and the content hash of the base
                           tensors it replaces, concept/anchor/type, component names with their
@@ -212,9 +213,9 @@ def _digest(tensors: dict[str, torch.Tensor], dtype: str | None = None) -> str:
                          for name in sorted(tensors))
 
 
-def base_digest(unet: torch.nn.Module, names) -> str:
+def base_digest(backbone, names) -> str:
     """Digest of the base's ``names`` tensors as they are (dtype included)."""
-    params = dict(unet.named_parameters())
+    params = backbone.named_tensors()
     return _digest({name: params[name] for name in names})
 
 
@@ -233,13 +234,13 @@ def _expected_digest(artifact: Artifact, dtype: torch.dtype) -> str:
 
 
 def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[str]:
-    """Put the artifact's tensors into ``backbone.unet`` (a delta's: add them); returns warnings
-    (e.g. forced)."""
-    params = dict(backbone.unet.named_parameters())
+    """Put the artifact's tensors into the backbone (UNet, and text encoder for names under
+    ``text_encoder.``; a delta's: add them); returns warnings (e.g. forced)."""
+    params = backbone.named_tensors()
     missing = sorted(set(artifact.weights) - set(params))
     if missing:
         raise BaseMismatchError(
-            f"the artifact changes {len(missing)} tensor(s) this backbone's UNet does not have "
+            f"the artifact changes {len(missing)} tensor(s) this backbone does not have "
             f"(first: {missing[0]}); it was made for {artifact.base.get('name')}")
     wrong_shape = [n for n, v in artifact.weights.items() if v.shape != params[n].shape]
     if wrong_shape:
@@ -249,7 +250,7 @@ def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[st
             f"{tuple(params[wrong_shape[0]].shape)}: it was made for "
             f"{artifact.base.get('name')}, a different architecture (--force cannot help)")
     dtype = params[next(iter(artifact.weights))].dtype
-    actual = base_digest(backbone.unet, artifact.weights)
+    actual = base_digest(backbone, artifact.weights)
     expected = artifact.base["tensors_digest"]
     if actual != expected:  # loaded in float16/bfloat16: compare with the base cast the same way
         expected = _expected_digest(artifact, dtype)
@@ -355,7 +356,8 @@ def artifact_card(m: dict) -> str:
         ("time", f"{m['seconds']['total']} s ({m['machine']['device']})"),
     ]
     return model_card(m, "This folder is a conceptctl erasure artifact", rows, (
-        "`weights.safetensors` holds the new values of the replaced UNet tensors; "
+        "`weights.safetensors` holds the new values of the replaced tensors (UNet, and text "
+        "encoder under `text_encoder.`); "
         "`conceptctl.json` holds every setting, component version and library version. Use it "
         'with `conceptctl sample "PROMPT" --model THIS_FOLDER` (add `--compare` to see the '
         "original beside it)."))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from conceptctl.backbones.soft_prompt import PromptEncoder
 from conceptctl.erasure.methods import Context, StepStats, esd_goal, plus_optional, retain_loss
 from conceptctl.errors import UsageError
 
@@ -76,8 +77,12 @@ class EsdX:
                 "--method esd-x-doco-recipe")
         backbone = ctx.backbone
         self.ctx, self.eta, self.batch_size, self.steps = ctx, eta, batch_size, sampling_steps
+        # The original model's conditioning, encoded once before training; with
+        # --params text-encoder the student's is encoded afresh each step (_student_text).
         self.text = backbone.encode_prompts([concept])
         self.empty = backbone.encode_prompts([""])
+        self.student_prompts = (PromptEncoder(backbone, [concept, ""])
+                                if ctx.trains_text_encoder else None)
         side = backbone.resolution // backbone.vae_scale_factor
         self.shape = (backbone.latent_channels, side, side)
 
@@ -89,14 +94,19 @@ class EsdX:
         noise = torch.randn((n, *self.shape), generator=ctx.generator)
         noise = noise.to(device=backbone.device, dtype=backbone.dtype)
         text, empty = self.text.expand(n, -1, -1), self.empty.expand(n, -1, -1)
-        with ctx.timer("partial sampling"):
-            x_t, t = partial_sample(backbone, unet, noise, text, empty, k, steps=self.steps)
+        own, own_empty = text, empty  # the student's conditioning
+        if self.student_prompts is not None:
+            both = self.student_prompts().to(backbone.dtype)
+            own, own_empty = both[:1].expand(n, -1, -1), both[1:].expand(n, -1, -1)
+        with ctx.timer("partial sampling"):  # the model as it is now draws x_t
+            x_t, t = partial_sample(backbone, unet, noise, own.detach(), own_empty.detach(), k,
+                                    steps=self.steps)
         goal = esd_goal(ctx, x_t, t, text, empty, self.eta)
         if ctx.adversary is not None:  # --adversarial: the attacked concept prompt, same goal
             with ctx.timer("inner attack"):
                 attacked = ctx.adversary(x_t, t, torch.zeros(n, dtype=torch.long), text, step)
             x_t, t, goal = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([goal, goal])
-            text = torch.cat([text, attacked])
-        loss = F.mse_loss(unet(x_t, t, text).sample.float(), goal.float())
+            own = torch.cat([own, attacked])
+        loss = F.mse_loss(unet(x_t, t, own).sample.float(), goal.float())
         ctx.precision.backward(plus_optional(loss, retain_loss(ctx, x_t, t)))
         return StepStats(loss=loss.item())

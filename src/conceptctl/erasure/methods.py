@@ -9,6 +9,12 @@ batch is this process's share and the trainer sums the share-weighted gradients 
 unless the method combines them itself (``reduces_gradients = True``, as DoCo must: see
 conceptctl.erasure.distributed). Symbols: ε_θ the student UNet, ε* the frozen original, x_t
 the noised anchor latent, c_a / c_t the anchor / target prompt, x̂0 the predicted clean latent.
+
+The batch's embeddings are the *original* text encoder's, what the frozen model is conditioned
+on; the student UNet is conditioned on :meth:`Batch.for_student`'s, which differ where the text
+encoder trains (``--params text-encoder``: the prompts encoded by the model being trained, with
+gradients) and on the inner attack's rows (``--adversarial``: the attacked prompts, while the
+frozen model keeps the plain target prompt, as AdvUnlearn's goal does).
 """
 
 from __future__ import annotations
@@ -43,6 +49,27 @@ class Batch:
     # process's share of the global batch (weights its mean losses).
     sizes: tuple[int, ...] | None = None
     share: float = 1.0
+    # What the student is conditioned on where it differs from the fields above (module
+    # docstring); None: the same embeddings.
+    student: StudentText | None = None
+
+    def for_student(self) -> StudentText:
+        """The embeddings the student UNet is conditioned on."""
+        if self.student is not None:
+            return self.student
+        return StudentText(self.anchor_text, self.target_text, self.empty_text,
+                           None if self.prior is None else self.prior.text)
+
+
+@dataclass
+class StudentText:
+    """The student's conditioning, row for row with the batch (``prior_text``: with its prior
+    batch's rows)."""
+
+    anchor_text: torch.Tensor
+    target_text: torch.Tensor
+    empty_text: torch.Tensor
+    prior_text: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,6 +112,14 @@ class Context:
     # ``--adversarial``'s inner attacker (conceptctl.erasure.adversarial.PromptAdversary).
     adversary: torch.nn.Module | None = None
 
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder's weights train (the student's prompts must be encoded by
+        it, with gradients; the batch's embeddings are the original encoder's)."""
+        from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
+
+        return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.params)
+
     def summed_grad(self, loss: torch.Tensor, params: list[torch.Tensor],
                     also: tuple[torch.Tensor, ...] = ()) -> list[torch.Tensor]:
         """d loss / d params through the precision policy, summed over the processes of a
@@ -120,8 +155,9 @@ def _noised(ctx: Context, batch: Batch):
 
 def with_attacked_rows(ctx: Context, batch: Batch, x_t, noise, t, step: int):
     """With ``--adversarial``: the batch, x_t, ε and t with one more row per row, whose target
-    prompt is the inner attack's version of that row's (same anchor latent, t and ε), so the
-    method erases on attacked prompts next to the usual ones. Without: all unchanged."""
+    prompt is, for the student, the inner attack's version of that row's (same anchor latent, t
+    and ε; the frozen model keeps the plain prompt), so the method erases on attacked prompts
+    next to the usual ones. Without: all unchanged."""
     if ctx.adversary is None:
         return batch, x_t, noise, t
     with ctx.timer("inner attack"):
@@ -130,10 +166,13 @@ def with_attacked_rows(ctx: Context, batch: Batch, x_t, noise, t, step: int):
     def twice(value):
         return torch.cat([value, value])
 
+    own = batch.for_student()
+    student = StudentText(twice(own.anchor_text), torch.cat([own.target_text, attacked]),
+                          twice(own.empty_text), own.prior_text)
     more = replace(batch, latents=twice(batch.latents), anchor_text=twice(batch.anchor_text),
-                   target_text=torch.cat([batch.target_text, attacked]),
-                   empty_text=twice(batch.empty_text), timesteps=twice(t), noise=twice(noise),
-                   prompts=twice(batch.prompts))
+                   target_text=twice(batch.target_text), empty_text=twice(batch.empty_text),
+                   timesteps=twice(t), noise=twice(noise), prompts=twice(batch.prompts),
+                   student=student)
     return more, twice(x_t), twice(noise), twice(t)
 
 
@@ -161,10 +200,11 @@ D_UPDATES = ("own", "reference")
 def _preserving_loss(ctx: Context, batch: Batch, x_t, noise, t) -> torch.Tensor:
     """L_prior: the student's ordinary denoising loss on anchor images with their own captions:
     the batch's separate prior images when it has them (the reference), else its own x_t."""
-    latents, text = batch.latents, batch.anchor_text
+    student = batch.for_student()
+    latents, text = batch.latents, student.anchor_text
     if batch.prior is not None:
         prior = batch.prior
-        latents, text, noise = prior.latents, prior.text, prior.noise.to(prior.latents)
+        latents, text, noise = prior.latents, student.prior_text, prior.noise.to(prior.latents)
         t = prior.timesteps.to(latents.device)
         x_t = ctx.backbone.add_noise(latents, noise, t)
     pred = ctx.backbone.unet(x_t, t, text).sample
@@ -206,7 +246,7 @@ class DoCo:
         with timer("student forward, adversarial"), \
                 torch.no_grad() if warming_up else nullcontext():
             fake = backbone.predicted_original(
-                x_t, backbone.unet(x_t, t, batch.target_text).sample, t)
+                x_t, backbone.unet(x_t, t, batch.for_student().target_text).sample, t)
 
         real_all = dist.gather(real.float(), batch.sizes)
         fake_all = dist.gather(fake.detach().float(), batch.sizes)
@@ -291,10 +331,13 @@ class AblatingConcepts:
         ctx = self.ctx
         x_t, noise, t = _noised(ctx, batch)
         batch, x_t, noise, t = with_attacked_rows(ctx, batch, x_t, noise, t, step)
+        student = batch.for_student()
         with torch.no_grad():
-            unet = ctx.backbone.unet if self.goal == "student" else ctx.frozen_unet
-            goal = unet(x_t, t, batch.anchor_text).sample
-        loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
+            if self.goal == "student":
+                goal = ctx.backbone.unet(x_t, t, student.anchor_text).sample
+            else:
+                goal = ctx.frozen_unet(x_t, t, batch.anchor_text).sample
+        loss = F.mse_loss(ctx.backbone.unet(x_t, t, student.target_text).sample.float(),
                           goal.float())
         retain = retain_loss(ctx, x_t, t)
         if not self.prior_weight:
@@ -327,7 +370,8 @@ class EsdXOnAnchors:
         x_t, noise, t = _noised(ctx, batch)
         batch, x_t, _, t = with_attacked_rows(ctx, batch, x_t, noise, t, step)
         goal = esd_goal(ctx, x_t, t, batch.target_text, batch.empty_text, self.eta)
-        loss = F.mse_loss(ctx.backbone.unet(x_t, t, batch.target_text).sample.float(),
-                          goal.float())
+        loss = F.mse_loss(
+            ctx.backbone.unet(x_t, t, batch.for_student().target_text).sample.float(),
+            goal.float())
         ctx.precision.backward(plus_optional(loss, retain_loss(ctx, x_t, t)))
         return StepStats(loss=loss.item())

@@ -31,7 +31,7 @@ from conceptctl.erasure.augment import AUGMENTS
 from conceptctl.erasure.checkpoints import load_checkpoint, save_checkpoint
 from conceptctl.erasure.config import EraseConfig, complete
 from conceptctl.erasure.methods import D_UPDATES, PRIOR_BATCHES, Context, StepStats
-from conceptctl.erasure.params import PARAM_GROUPS, select_parameters
+from conceptctl.erasure.params import PARAM_GROUPS, select_parameters, trains_text_encoder
 from conceptctl.erasure.precision import MODES as PRECISION_MODES
 from conceptctl.erasure.precision import Precision
 from conceptctl.erasure.resume import (
@@ -41,7 +41,7 @@ from conceptctl.erasure.resume import (
     resume_point,
     settings_record,
 )
-from conceptctl.erasure.trainer import LoopState, TrainingData, run_loop
+from conceptctl.erasure.trainer import LoopState, StudentPrompts, TrainingData, run_loop
 from conceptctl.errors import OutputExistsError, UsageError
 from conceptctl.fileio import atomic_directory
 from conceptctl.outputs import claim_output, output_lock, written_by_conceptctl
@@ -115,6 +115,10 @@ def check_config(cfg: EraseConfig) -> None:
     if cfg.params not in PARAM_GROUPS:
         raise UsageError(f"unknown parameter group {cfg.params!r}; available: "
                          f"{', '.join(PARAM_GROUPS)}")
+    if trains_text_encoder(cfg.params) and cfg.augment != "none":
+        # The augmentation's prefixed captions are encoded once, by the original encoder.
+        raise UsageError(f"--augment {cfg.augment} cannot be combined with --params "
+                         "text-encoder", hint="leave --augment out (the default is none)")
     for kind, name in (("method", cfg.method), ("discriminator", cfg.discriminator),
                        ("gradient-surgery", cfg.surgery)):
         get_registry(kind).entry(name)  # UnknownComponentError lists the available ones
@@ -238,7 +242,8 @@ def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None,
     cfg = complete(cfg, backbone.spec)  # a caller's bare config: this backbone's preset
     unet = backbone.unet
     unet.requires_grad_(False)
-    params = select_parameters(unet, cfg.params)
+    backbone.text_encoder.requires_grad_(False)
+    params = select_parameters(backbone, cfg.params)
     frozen = frozen_copy(unet, params)
     for p in params.values():
         p.requires_grad_(True)
@@ -333,7 +338,7 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     _check_anchor_count(count, backbone)
 
     # The trained tensors' base values (for the manifest), and the anchor cache file's name.
-    base = base_record(select_parameters(backbone.unet, cfg.params))
+    base = base_record(select_parameters(backbone, cfg.params))
     digest = backbone_digest(backbone) if dist.is_main and uses_images else None
     if dist.is_main:
         record |= data_record(backbone.dtype, base, count, f"{cache_key(digest, anchor_settings)}"
@@ -349,6 +354,8 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     training = prepare_training(
         backbone, cfg, dist=dist, prompts=list(anchors.target) if uses_images else None,
         retain=retain)
+    if data is not None and trains_text_encoder(cfg.params):
+        data.student = StudentPrompts(backbone, list(anchors.anchor), list(anchors.target))
     _resume(training, resume_from, resume, dist, report)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -467,6 +474,8 @@ def _train(out_dir: Path, cfg: EraseConfig, backbone, data, training: Training, 
                         extra={"precision": precision.state_dict()}, run=record)
 
     unet = backbone.unet
+    # The text encoder stays in eval mode even when it trains: BERT-style encoders (the toy's)
+    # drop out in train mode, and its embeddings must be the ones sampling will see.
     unet.train()
     run_loop(training.method, training.optimizer, params, data, state, steps=cfg.steps,
              batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm,

@@ -21,7 +21,7 @@ import torch
 from conceptctl.erasure.augment import Rescale
 from conceptctl.erasure.distributed import ProcessGroup, SingleProcess
 from conceptctl.erasure.finite import NonFiniteWeightsError, all_finite, first_non_finite
-from conceptctl.erasure.methods import Batch, PriorBatch, StepStats, draw_noise
+from conceptctl.erasure.methods import Batch, PriorBatch, StepStats, StudentText, draw_noise
 from conceptctl.erasure.precision import Precision
 from conceptctl.errors import ConceptctlError
 
@@ -49,6 +49,9 @@ class TrainingData:
     # it replaces the adversarial batch's latents, and each target caption takes the prefix it
     # drew (its ``target_variants``).
     augment: Rescale | None = None
+    # With ``--params text-encoder``: the prompts above, encoded afresh each step by the text
+    # encoder being trained (:class:`StudentPrompts`), for the student's conditioning.
+    student: StudentPrompts | None = None
 
     def batch(self, size: int, generator: torch.Generator, device, dtype,
               num_timesteps: int = 1000, dist: ProcessGroup | None = None) -> Batch:
@@ -77,7 +80,10 @@ class TrainingData:
             latents=self.latents[prior_idx].to(device=device, dtype=dtype),
             text=self.anchor_text[self.prompt_index[prior_idx]].to(device=device, dtype=dtype),
             timesteps=prior_t.to(device), noise=prior_noise.to(device=device, dtype=dtype))
+        student = None if self.student is None else self.student.text(
+            prompts, self.prompt_index[prior_idx], local, dtype)
         return Batch(
+            student=student,
             latents=latents.to(device=device, dtype=dtype),
             anchor_text=self.anchor_text[prompts].to(device=device, dtype=dtype),
             target_text=target_text.to(device=device, dtype=dtype),
@@ -89,6 +95,29 @@ class TrainingData:
             share=local / size,
             prior=prior,
         )
+
+
+class StudentPrompts:
+    """The run's anchor, target and empty prompts on the text encoder being trained: each batch
+    encodes the prompts it holds (each once), with gradients to the encoder's weights."""
+
+    def __init__(self, backbone, anchor: list[str], target: list[str]) -> None:
+        from conceptctl.backbones.soft_prompt import PromptEncoder
+
+        self.anchor = PromptEncoder(backbone, anchor)
+        self.target = PromptEncoder(backbone, target)
+        self.empty = PromptEncoder(backbone, [""])
+
+    def text(self, prompts: torch.Tensor, prior_prompts: torch.Tensor, rows: int,
+             dtype) -> StudentText:
+        def encode(encoder, which: torch.Tensor) -> torch.Tensor:
+            unique, inverse = which.unique(return_inverse=True)
+            return encoder(unique)[inverse.to(encoder.input_ids.device)].to(dtype)
+
+        return StudentText(anchor_text=encode(self.anchor, prompts),
+                           target_text=encode(self.target, prompts),
+                           empty_text=self.empty().to(dtype).expand(rows, -1, -1),
+                           prior_text=encode(self.anchor, prior_prompts))
 
 
 @dataclass

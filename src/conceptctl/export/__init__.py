@@ -51,7 +51,8 @@ class ExportJob:
 
     ``backbone`` is the base model with the artifact already applied (the erased model), in the
     export's ``dtype``. ``base`` and ``erased`` hold, for every tensor the artifact sets, the base
-    and the erased values in the precision the artifact was made in (UNet parameter names), so
+    and the erased values in the precision the artifact was made in (named as
+    ``Backbone.named_tensors``: UNet parameter names, ``text_encoder.``-prefixed ones), so
     differences are exact. ``info`` is the record every exported file carries (concept, anchor,
     method, base identity and tensor hash, how it was exported); ``metadata`` is that record as a
     safetensors header.
@@ -72,7 +73,8 @@ class ExportJob:
         return header(self.info)
 
     def changed(self) -> list[str]:
-        """Names of the tensors whose erased value differs from the base, in the UNet's order."""
+        """Names of the tensors whose erased value differs from the base, in the artifact's
+        order."""
         import torch
 
         return [name for name in self.erased

@@ -16,14 +16,22 @@ error is at most E.
 
 Two namings:
 
-* ``diffusers`` (peft): ``unet.<module>.lora_A.weight`` (down) / ``.lora_B.weight`` (up), with
-  the adapter configuration (rank, alpha, per-layer ranks) in the ``lora_adapter_metadata``
+* ``diffusers`` (peft): ``unet.<module>.lora_A.weight`` (down) / ``.lora_B.weight`` (up), and
+  ``text_encoder.text_model.<module>…`` for a CLIP text encoder's layers (``--params
+  text-encoder``), with each
+  part's adapter configuration (rank, alpha, per-layer ranks) in the ``lora_adapter_metadata``
   header entry exactly as diffusers' ``save_lora_weights`` writes it — without it diffusers
   would guess alpha, and a wrong alpha scales the change silently.
 * ``kohya``: ``lora_unet_<module with _ for .>.lora_down.weight`` / ``.lora_up.weight`` /
-  ``.alpha``, the names kohya's sd-scripts write for SD 1.x / 2.x (diffusers module names) and
-  that Automatic1111 and ComfyUI map onto their own UNet; diffusers' ``load_lora_weights`` reads
-  them too.
+  ``.alpha`` (``lora_te_…`` for the text encoder's), the names kohya's sd-scripts write for
+  SD 1.x / 2.x (diffusers and transformers module names) and that Automatic1111 and ComfyUI map
+  onto their own models; diffusers' ``load_lora_weights`` reads them too.
+
+Text-encoder names are transformers 4's ``CLIPTextModel``'s, with the ``text_model.`` level that
+transformers >= 5.6 dropped: the files in the wild have it, and diffusers 0.42 strips it when
+the installed encoder lacks it (checked, both namings). Readers rename text-encoder adapters the
+CLIP way only (diffusers' converter knows q/k/v/out_proj and fc1/fc2), so a backbone with
+another encoder (the toy's BERT) gets no LoRA of text-encoder changes: one clear error instead.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
 from conceptctl.errors import ConceptctlError, UsageError
 
 LORA_FORMATS = ("diffusers", "kohya")
@@ -51,7 +60,7 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 class LayerFactors:
     """One layer's adapter: ``alpha / rank · up @ down`` approximates ``module``'s change."""
 
-    module: str
+    module: str  # the UNet's module name, or the text encoder's under TEXT_ENCODER_PREFIX
     up: torch.Tensor  # (out, r) for Linear, (out, r, 1, 1) for Conv2d
     down: torch.Tensor  # (r, in) for Linear, (r, in, kh, kw) for Conv2d
     alpha: float
@@ -129,10 +138,14 @@ def factorize(matrix: torch.Tensor, rank: int | None,
     return u[:, :r] * root, root[:, None] * vh[:r]
 
 
-def _lora_module(unet: torch.nn.Module, name: str) -> str:
-    """The module whose weight ``name`` is, if a LoRA can stand for its change; else raise."""
-    module_name, _, leaf = name.rpartition(".")
-    module = unet.get_submodule(module_name) if module_name else None
+def _lora_module(backbone, name: str) -> str:
+    """The module whose weight ``name`` is (named as the tensor: the text encoder's keep their
+    prefix), if a LoRA can stand for its change; else raise."""
+    root, inner = backbone.unet, name
+    if name.startswith(TEXT_ENCODER_PREFIX):
+        root, inner = backbone.text_encoder, name.removeprefix(TEXT_ENCODER_PREFIX)
+    module_name, _, leaf = inner.rpartition(".")
+    module = root.get_submodule(module_name) if module_name else None
     linear = isinstance(module, torch.nn.Linear)
     conv = isinstance(module, torch.nn.Conv2d) and module.groups == 1
     if leaf != "weight" or not (linear or conv):
@@ -141,11 +154,11 @@ def _lora_module(unet: torch.nn.Module, name: str) -> str:
             "can)",
             hint="export this artifact as 'delta', 'diffusers' or 'single-file' instead; LoRA "
             "exports need an erasure of weights only, e.g. --params cross-attn-kv (the default)")
-    return module_name
+    return name.removesuffix("." + leaf)
 
 
 def build_factors(job, rank: int | None, max_error: float | None) -> list[LayerFactors]:
-    """Adapters for every changed tensor of ``job``, in the UNet's order, in ``job.dtype``.
+    """Adapters for every changed tensor of ``job``, in the artifact's order, in ``job.dtype``.
 
     The SVD runs in float64 on the exact change, so at full rank the only error left is the
     final cast; errors are measured on the cast factors, as a loader will use them.
@@ -156,7 +169,7 @@ def build_factors(job, rank: int | None, max_error: float | None) -> list[LayerF
                               "weight change to write as a LoRA")
     pending = []
     for name in changed:
-        module = _lora_module(job.backbone.unet, name)
+        module = _lora_module(job.backbone, name)
         change = job.erased[name].to(torch.float64) - job.base[name].to(torch.float64)
         matrix = change.reshape(change.shape[0], -1)
         pending.append((module, change.shape, matrix, *factorize(matrix, rank, max_error)))
@@ -182,28 +195,51 @@ def overall_error(layers: list[LayerFactors]) -> float:
     return residual / math.sqrt(sum(layer.change_norm ** 2 for layer in layers))
 
 
+def _clip_name(module: str) -> str:
+    """A CLIP text-encoder module's name as transformers 4 gave it (module docstring)."""
+    return module if module.startswith("text_model.") else "text_model." + module
+
+
+def _part(module: str) -> tuple[str, str]:
+    """(the pipeline part diffusers loads it into, the module's name inside that part)."""
+    if module.startswith(TEXT_ENCODER_PREFIX):
+        return "text_encoder", module.removeprefix(TEXT_ENCODER_PREFIX)
+    return "unet", module
+
+
 def diffusers_state_dict(layers: list[LayerFactors]) -> tuple[dict[str, torch.Tensor],
                                                                dict[str, str]]:
-    """peft names under ``unet.`` plus the adapter configuration diffusers reads back."""
-    tensors = {}
+    """peft names under ``unet.`` / ``text_encoder.`` plus each part's adapter configuration,
+    as diffusers reads them back."""
+    tensors, ranks = {}, {}
     for layer in layers:
-        tensors[f"unet.{layer.module}.lora_A.weight"] = layer.down
-        tensors[f"unet.{layer.module}.lora_B.weight"] = layer.up
-    ranks = {layer.module: layer.rank for layer in layers}
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    # Keys carry the 'unet.' prefix that diffusers' save_lora_weights gives them (it strips it
-    # again when loading); the alpha is the same for every layer (see the module docstring).
-    config = {"r": common, "lora_alpha": int(layers[0].alpha),
-              "rank_pattern": {module: r for module, r in ranks.items() if r != common},
-              "target_modules": sorted(ranks)}
-    packed = {f"unet.{key}": value for key, value in config.items()}
+        part, module = _part(layer.module)
+        key = f"{part}.{_clip_name(module) if part == 'text_encoder' else module}"
+        tensors[f"{key}.lora_A.weight"] = layer.down
+        tensors[f"{key}.lora_B.weight"] = layer.up
+        # The configuration keeps the installed name: peft matches target modules by suffix,
+        # so it finds them with or without the 'text_model.' level.
+        ranks.setdefault(part, {})[module] = layer.rank
+    packed = {}
+    for part, part_ranks in ranks.items():
+        common = Counter(part_ranks.values()).most_common(1)[0][0]
+        # Keys carry the part's prefix, as diffusers' save_lora_weights writes them (it strips
+        # it again when loading each part); the alpha is the same for every layer of the file
+        # (see the module docstring).
+        config = {"r": common, "lora_alpha": int(layers[0].alpha),
+                  "rank_pattern": {m: r for m, r in part_ranks.items() if r != common},
+                  "target_modules": sorted(part_ranks)}
+        packed |= {f"{part}.{key}": value for key, value in config.items()}
     return tensors, {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(packed, sort_keys=True)}
 
 
 def kohya_state_dict(layers: list[LayerFactors]) -> dict[str, torch.Tensor]:
     tensors = {}
     for layer in layers:
-        key = "lora_unet_" + layer.module.replace(".", "_")
+        part, module = _part(layer.module)
+        if part == "text_encoder":
+            module = _clip_name(module)
+        key = ("lora_te_" if part == "text_encoder" else "lora_unet_") + module.replace(".", "_")
         tensors[f"{key}.lora_down.weight"] = layer.down
         tensors[f"{key}.lora_up.weight"] = layer.up
         # Every reader scales by alpha / rank (kohya's convention, kept by A1111 and ComfyUI).
@@ -211,10 +247,23 @@ def kohya_state_dict(layers: list[LayerFactors]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _check_text_encoder(job, layers: list[LayerFactors]) -> None:
+    from transformers import CLIPTextModel
+
+    encoder = job.backbone.text_encoder
+    if any(_part(layer.module)[0] == "text_encoder" for layer in layers) and \
+            not isinstance(encoder, CLIPTextModel):
+        raise ConceptctlError(
+            "LoRA readers (diffusers, Automatic1111, ComfyUI) load text-encoder adapters into "
+            f"CLIP text encoders only, and this backbone's is a {type(encoder).__name__}",
+            hint="export this artifact as 'delta' or 'diffusers' (a full pipeline folder)")
+
+
 def export_lora(job, out: Path) -> dict[str, Any]:
     rank, max_error = parse_rank(job.options.get("rank"), job.options.get("max_error"))
     naming = job.options.get("lora_format", "diffusers")
     layers = build_factors(job, rank, max_error)
+    _check_text_encoder(job, layers)
     if naming == "kohya":
         tensors, metadata = kohya_state_dict(layers), {}
     else:

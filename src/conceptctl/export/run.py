@@ -119,7 +119,7 @@ def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dt
     model = open_backbone(backbone or artifact.base["name"], device="cpu",
                           dtype=artifact.base.get("dtype"), config=backbone_config,
                           allow_pickle=allow_pickle)
-    params = dict(model.unet.named_parameters())
+    params = model.named_tensors()
     base = {n: params[n].detach().clone() for n in artifact.weights if n in params}
     notes = apply_artifact(model, artifact, force=force)
     erased = {n: params[n].detach().clone() for n in artifact.weights}
