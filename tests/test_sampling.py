@@ -35,9 +35,19 @@ def test_same_seed_gives_identical_images_whatever_the_batch(cli, tiny_sd2, tmp_
     assert _sample(cli, tiny_sd2, tmp_path / "a").code == 0
     assert _sample(cli, tiny_sd2, tmp_path / "b", "--batch-size", "1").code == 0
     assert _sample(cli, tiny_sd2, tmp_path / "c", "--seed", "1").code == 0
+    # Same starting noise, so the same images up to float rounding: CPU kernels sum in another
+    # order for another batch size (measured on an AVX2-only EPYC: one pixel of 3072 one level
+    # apart), so a pixel may land on the other side of a rounding step, never further.
     for name in ("000-a-red-church-00.png", "001-a-boat-01.png", "grid.png"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert (tmp_path / "a" / "grid.png").read_bytes() != (tmp_path / "c" / "grid.png").read_bytes()
+        assert _pixels(tmp_path / "a" / name, tmp_path / "b" / name).max() <= 1
+    # Another seed is another image, not a rounding step away.
+    assert _pixels(tmp_path / "a" / "grid.png", tmp_path / "c" / "grid.png").mean() > 5
+
+
+def _pixels(a, b):
+    import numpy as np
+
+    return np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int))
 
 
 def test_prompt_file_and_negative_prompt(cli, tiny_sd1, tmp_path):
@@ -175,11 +185,13 @@ def test_dpm_solver_sampler_is_deterministic_and_puts_the_own_scheduler_back(tin
     # The backbone's own scheduler is back: the same object, class and config.
     assert backbone.scheduler is own and dict(own.config) == own_config
     assert backbone.pipeline.config["scheduler"] == recorded
-    # Same settings, same images, whatever the batch size.
+    # Same settings, same images; whatever the batch size, the same up to float rounding: batch 1
+    # runs other CPU kernels (measured: 2.5e-5 at latents of magnitude 16, a relative 1.5e-6,
+    # on an AVX2-only EPYC).
     assert torch.equal(sample_latents(backbone, settings), first)
     for batch in (1, 4):
         assert torch.allclose(sample_latents(backbone, SampleSettings(
-            **ANCHOR_LIKE | {"batch_size": batch})), first, atol=1e-5)
+            **ANCHOR_LIKE | {"batch_size": batch})), first, rtol=1e-5, atol=1e-4)
     # Not the backbone's own sampler's images.
     own_sampler = sample_latents(backbone, SampleSettings(**ANCHOR_LIKE | {"sampler": None}))
     assert (own_sampler - first).abs().max() > 1e-3

@@ -2,8 +2,9 @@
 
 Each image's starting noise is drawn from its own CPU generator seeded with ``seed + k`` (k = the
 image's index within its prompt), so image k of a prompt is the same whatever the batch size or
-device, and image k of two different prompts starts from the same noise, which is what a
-side-by-side comparison of prompts or models wants. ``prompt_seeds`` gives each prompt its own
+device (up to float rounding: kernels sum in another order for another batch), and image k of
+two different prompts starts from the same noise, which is what a side-by-side comparison of
+prompts or models wants. ``prompt_seeds`` gives each prompt its own
 base instead (anchor images use it so that every image starts from its own noise).
 
 The sampler is the backbone's own scheduler unless ``sampler`` names another one, which is built
