@@ -4,8 +4,8 @@ Each image's starting noise is drawn from its own CPU generator seeded with ``se
 image's index within its prompt), so image k of a prompt is the same whatever the batch size or
 device (up to float rounding: kernels sum in another order for another batch), and image k of
 two different prompts starts from the same noise, which is what a side-by-side comparison of
-prompts or models wants. ``prompt_seeds`` gives each prompt its own
-base instead (anchor images use it so that every image starts from its own noise).
+prompts or models wants. ``prompt_seeds`` gives each prompt its own base instead (anchor images
+use it so that every image starts from its own noise).
 
 The sampler is the backbone's own scheduler unless ``sampler`` names another one, which is built
 from the backbone's scheduler config and used for that call only (anchor images are drawn with
