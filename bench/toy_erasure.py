@@ -130,8 +130,9 @@ def summary(report: dict) -> dict:
         row[2] += 1
     objects = {o: {"before": b / n, "after": a / n, "kept": a / b if b else None}
                for o, (b, a, n) in sorted(counts.items())}
-    attacks = {a["attack"]: {k: a[k] for k in ("success_rate", "no_attack_rate", "cases",
-                                               "pictures", "seconds", "settings")}
+    attacks = {a["attack"]: {k: a.get(k) for k in ("success_rate", "no_attack_rate", "cases",
+                                                   "pictures", "seconds", "settings", "sweep",
+                                                   "original_sweep")}
                for a in report.get("attacks", [])}
     return {"seconds": report["seconds"], "groups": groups, "objects": objects,
             "attacks": attacks}
@@ -151,6 +152,13 @@ def print_table(line: dict) -> None:
     for name, row in line.get("attacks", {}).items():
         print(f"attack {name:21s} ASR {row['success_rate']:6.1%} (no attack "
               f"{row['no_attack_rate']:6.1%}, {row['cases']} cases, {row['seconds']:.0f} s)")
+        if row.get("sweep"):
+            print(f"  sweep (steps: ASR) {_points(row['sweep'])}; original "
+                  f"{_points(row.get('original_sweep') or [])}")
+
+
+def _points(sweep: list[dict]) -> str:
+    return ", ".join(f"{p['steps']}: {p['success_rate']:.1%}" for p in sweep)
 
 
 if __name__ == "__main__":

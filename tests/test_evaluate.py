@@ -86,6 +86,60 @@ def test_toy_report_agrees_with_the_judge_on_the_saved_pictures(cli, toy_artifac
         "&#x27;", "'")
 
 
+def test_embedding_budgets_are_spread_and_end_at_the_whole_budget():
+    from conceptctl.evaluation.attacks import EmbeddingAttack
+
+    assert EmbeddingAttack().budgets() == [4, 8, 15, 30, 60]
+    assert EmbeddingAttack(steps=5, sweep=2).budgets() == [2, 5]  # round half to even
+    assert EmbeddingAttack(steps=3, sweep=10).budgets() == [1, 2, 3]  # no step twice
+    assert EmbeddingAttack(steps=7, sweep=1).budgets() == [7]
+
+
+def test_a_sweep_at_each_budget_counts_only_that_budgets_pictures():
+    from conceptctl.evaluation.run import budget_sweep
+
+    spent = [[(0, False), (0, False), (30, True), (60, False)],  # found, then lost again
+             [(0, True), (30, False), (60, True)],
+             [(0, False), (30, False), (60, False)]]
+    assert budget_sweep(spent, cumulative=False) == [
+        {"steps": 0, "success_rate": pytest.approx(1 / 3)},
+        {"steps": 30, "success_rate": pytest.approx(1 / 3)},
+        {"steps": 60, "success_rate": pytest.approx(1 / 3)}]
+    assert budget_sweep(spent)[1:] == [{"steps": 30, "success_rate": pytest.approx(2 / 3)},
+                                       {"steps": 60, "success_rate": pytest.approx(2 / 3)}]
+
+
+@pytest.mark.slow
+def test_toy_embedding_sweep_judges_each_budget_and_leaves_the_attack_as_it_was(
+        cli, toy_artifact, tmp_path):
+    prompts = tmp_path / "church.csv"
+    prompts.write_text("prompt,evaluation_seed,case_number\na red church,0,0\n"
+                       "a blue church in the style of Monet,1,1\n")
+    attacks = {}
+    for sweep in (2, 1):
+        out = tmp_path / f"sweep{sweep}"
+        result = cli("eval", toy_artifact, "--prompts", prompts, *FAST, "--metrics", "erasure",
+                     "--attacks",
+                     "embedding", "--attack-option", "embedding.steps=4",
+                     "--attack-option", f"embedding.sweep={sweep}", "-o", out)
+        assert result.code == 0, result.err
+        attacks[sweep] = json.loads((out / "report.json").read_text())["attacks"][0]
+    attack = attacks[2]
+    assert attack["settings"]["sweep"] == [2, 4]
+    # 0 steps: the cases' ordinary pictures; the whole budget: the attack's own rate.
+    assert [p["steps"] for p in attack["sweep"]] == [0, 2, 4]
+    assert attack["sweep"][0]["success_rate"] == pytest.approx(attack["no_attack_rate"])
+    assert attack["sweep"][-1]["success_rate"] == pytest.approx(attack["success_rate"])
+    assert [p["steps"] for p in attack["original_sweep"]] == [0, 2, 4]
+    assert "attack budget sweep" in (tmp_path / "sweep2" / "report.html").read_text()
+    # Drawing along the way takes nothing from the attack's randomness: the same last pictures.
+    for a, b in zip(attack["rows"], attacks[1]["rows"], strict=True):
+        assert a["files"] and all(
+            (tmp_path / "sweep2" / fa).read_bytes() == (tmp_path / "sweep1" / fb).read_bytes()
+            for fa, fb in zip(a["files"], b["files"], strict=True))
+    assert [p["steps"] for p in attacks[1]["sweep"]] == [0, 4]
+
+
 def test_tiny_sd_without_detector_still_draws_and_says_so(cli, tiny_sd1_artifact, tmp_path):
     art = tiny_sd1_artifact
     out = tmp_path / "report"

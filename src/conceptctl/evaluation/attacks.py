@@ -10,7 +10,8 @@ embeddings are put in front of each target prompt, in the text encoder's input-e
 and optimised so that the *erased* model denoises the *original* model's pictures of that prompt
 well (the ordinary diffusion loss at random timesteps); then the erased model draws from the
 attacked prompt with the case's seeds. UnlearnDiffAtk projects onto vocabulary tokens; these
-embeddings stay continuous (a stronger, soft-prompt attacker).
+embeddings stay continuous (a stronger, soft-prompt attacker). It also draws along the way
+(``sweep`` budgets, the last its whole budget) for the report's budget sweep.
 
 ``paraphrase``: the target cases asked again with other spellings of the concept and whatever
 rewordings the suite's vocabulary knows (``Suite.rephrase``; the toy suite: every synonym and
@@ -63,8 +64,13 @@ class Attempt:
     images: np.ndarray  # uint8 pictures drawn by the erased model under attack
     prompts: list[str] = field(default_factory=list)  # what was asked, for the report
     # Attack steps spent before each picture (0: before the attack), for attacks with a budget
-    # that grows picture by picture; the report turns them into the budget sweep.
+    # that grows picture by picture and stop at a success; the report turns them into the
+    # budget sweep, a case counting from its first success on.
     budgets: list[int] | None = None
+    # For attacks that run their whole budget: (steps, pictures) the attack would have ended
+    # with had it stopped after that many steps, the last entry being ``images`` itself. The
+    # report's sweep judges each budget on its own pictures.
+    along: list[tuple[int, np.ndarray]] | None = None
 
 
 def attacked_cases(run, limit: int) -> list[tuple[int, Case]]:
@@ -76,15 +82,23 @@ def attacked_cases(run, limit: int) -> list[tuple[int, Case]]:
 
 class EmbeddingAttack:
     name = "embedding"
-    options = {"tokens": int, "steps": int, "lr": float, "seed": int}
+    options = {"tokens": int, "steps": int, "lr": float, "seed": int, "sweep": int}
 
     def __init__(self, tokens: int = 3, steps: int = 60, lr: float = 0.01, cases: int = 16,
-                 seed: int = 0) -> None:
+                 seed: int = 0, sweep: int = 5) -> None:
         self.tokens, self.steps, self.lr, self.cases, self.seed = tokens, steps, lr, cases, seed
+        self.sweep = sweep
+
+    def budgets(self) -> list[int]:
+        """The step counts after which the attack draws: up to ``sweep`` of them, its whole
+        budget and each half of the one above (60, 30, 15, 8, 4). Halving, because on erased
+        models most of the change happens in the first few steps."""
+        return sorted({max(1, round(self.steps / 2**i)) for i in range(self.sweep)})
 
     def settings(self) -> dict:
         return {"tokens": self.tokens, "steps": self.steps, "lr": self.lr, "cases": self.cases,
-                "seed": self.seed, "space": "text-encoder input embeddings (continuous)"}
+                "seed": self.seed, "sweep": self.budgets(),
+                "space": "text-encoder input embeddings (continuous)"}
 
     def attack(self, run) -> list[Attempt]:
         chosen = attacked_cases(run, self.cases)
@@ -102,7 +116,10 @@ class EmbeddingAttack:
         unet = backbone.unet
         unet.requires_grad_(False)
         latents = goal.flatten(0, 1).to(backbone.device, backbone.dtype)  # (cases*k, C, h, w)
-        for _ in range(self.steps):
+        seeds = [c.seed for _, c in chosen]
+        along = []  # (steps, pictures of every case) at each budget of the sweep
+        budgets = set(self.budgets())
+        for step in range(1, self.steps + 1):
             t = torch.randint(0, backbone.num_train_timesteps, (len(latents),),
                               generator=generator).to(backbone.device)
             noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -114,15 +131,22 @@ class EmbeddingAttack:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            states = encoder(soft)
-        if run.dist.world > 1:  # GPUs may differ in the last bits: draw from the main's prompts
-            run.dist.broadcast_([states])
-        drawn = draw_embeddings(backbone, states, [c.seed for _, c in chosen], run.draw,
-                                dist=run.dist)
-        return [Attempt(case, drawn.images[j * k : (j + 1) * k],
-                        [f"<{self.tokens} learned tokens> {case.prompt}"])
-                for j, (_, case) in enumerate(chosen)]
+            if step in budgets:
+                # Drawn with the same seeds at every budget: the sweep shows what more steps
+                # buy the attacker, not what other noise does.
+                with torch.no_grad():
+                    states = encoder(soft)
+                if run.dist.world > 1:  # GPUs may differ in the last bits: the main's prompts
+                    run.dist.broadcast_([states])
+                along.append((step, draw_embeddings(backbone, states, seeds, run.draw,
+                                                    dist=run.dist).images))
+        attempts = []
+        for j, (_, case) in enumerate(chosen):
+            mine = [(steps, images[j * k : (j + 1) * k]) for steps, images in along]
+            attempts.append(Attempt(case, mine[-1][1],
+                                    [f"<{self.tokens} learned tokens> {case.prompt}"],
+                                    along=mine))
+        return attempts
 
 
 class ParaphraseAttack:
