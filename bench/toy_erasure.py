@@ -83,9 +83,12 @@ def erase_and_measure(args) -> dict:
     opts = EvalOptions(attacks=attacks, metrics=("erasure", "preservation"),
                        images_per_prompt=args.images_per_prompt, device="cpu")
     report = evaluate_to(out, opts, out.with_name(out.name + "-report"), overwrite=True)
+    # With --skip-erase the artifact's own record says how it was made, not this command line.
+    config = (json.loads((out / "conceptctl.json").read_text())["hyperparameters"]
+              if args.skip_erase else cfg.as_dict())
     return {
-        "bench": "toy_erasure", "concept": args.concept, "anchor": args.anchor,
-        "method": args.method, "config": cfg.as_dict(),
+        "bench": "toy_erasure", "concept": config["concept"], "anchor": config["anchor"],
+        "method": config["method"], "config": config,
         "erase_seconds": None if result is None else round(erase_seconds, 1),
         "erase_breakdown": None if result is None else result.seconds,
         "anchors_cached": None if result is None else result.anchors_cached,
