@@ -308,7 +308,6 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: EvalReporter) ->
     attack = _build_attack(name, opts)
     t0 = time.time()
     attempts = attack.attack(run)
-    k = run.suite.images_per_prompt
     index = {id(c): i for i, c in enumerate(run.suite.cases)}
     rows, hits, baseline = [], 0, 0
     # Per picture as well as per case: an attack that draws more pictures per case (paraphrase:
@@ -320,9 +319,7 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: EvalReporter) ->
         if run.detector is not None:
             verdicts = _shows(run, attempt.images)
             shown = any(verdicts)
-            i = index[id(attempt.case)]
-            before = [bool(run.detector.shows(run.erased.labels[j], run.concept))
-                      for j in range(i * k, (i + 1) * k)]
+            before = _own(run, run.erased, index[id(attempt.case)])
             spent += _spent(run, attempt, verdicts, before)
             baseline += any(before)
             hits += shown
@@ -360,19 +357,24 @@ def _attack(run: EvalRun, name: str, opts: EvalOptions, report: EvalReporter) ->
 def _original_sweep(run: EvalRun, attack) -> list[dict]:
     original = replace(run, erased_model=run.original_model, erased=run.original)
     attempts = attack.attack(original)
-    k = run.suite.images_per_prompt
     index = {id(c): i for i, c in enumerate(run.suite.cases)}
     spent = []
     for a in attempts:
-        i = index[id(a.case)]
-        before = [bool(run.detector.shows(run.original.labels[j], run.concept))
-                  for j in range(i * k, (i + 1) * k)]
-        spent += _spent(original, a, _shows(run, a.images), before)
+        before = _own(run, run.original, index[id(a.case)])
+        spent += _spent(run, a, _shows(run, a.images), before)
     return _sweep(attempts, spent) if spent else None
 
 
 def _shows(run: EvalRun, images) -> list[bool]:
     return [bool(run.detector.shows(lab, run.concept)) for lab in run.detector.judge(images)]
+
+
+def _own(run: EvalRun, drawn, i: int) -> list[bool]:
+    """Whether each of case i's ordinary pictures in ``drawn`` (judged already) shows the
+    concept."""
+    k = run.suite.images_per_prompt
+    return [bool(run.detector.shows(drawn.labels[j], run.concept))
+            for j in range(i * k, (i + 1) * k)]
 
 
 def _spent(run: EvalRun, attempt, verdicts: list[bool],
