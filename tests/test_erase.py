@@ -144,7 +144,7 @@ def test_killed_run_resumes_to_identical_weights(tiny_sd1, tmp_path):
     (["", "--anchor", "house"], "the concept to erase is empty"),
     (["church", "--anchor", "Church"], "the anchor equals the concept"),
     (["church", "--anchor", "house", "--method", "magic"],
-     "unknown method 'magic'; available: doco, ca, esd-x, ca-doco-recipe, "
+     "unknown method 'magic'; available: doco, ca, esd-x, uce, ca-doco-recipe, "
      "esd-x-doco-recipe"),
     (["church", "--anchor", "house", "--discriminator", "big"],
      "unknown discriminator 'big'; available: patchgan, hinge-sn"),

@@ -29,6 +29,9 @@ class Component:
     # ``lr_per_image``, the UNet rate per image of the batch): its authors' steps, batch, rate
     # and trained tensors. Flags still override it; None: DoCo's recipe.
     recipe: dict | None = None
+    # Methods only: True for a method that edits the weights in closed form (``uce``): its
+    # object's ``edit(groups, retain)`` replaces the training loop (no anchor images, no steps).
+    closed_form: bool = False
 
     def build(self, **kwargs: Any) -> Any:
         return self.factory(**kwargs)

@@ -13,9 +13,15 @@ from conceptctl.errors import UsageError
 
 
 def erase(
-    concept: Annotated[str, typer.Argument(help="What to erase, e.g. 'Van Gogh' or 'church'.")],
-    anchor: Annotated[str, typer.Option("--anchor", "-a", help="What it should become instead, "
-                                        "e.g. 'painting' or 'house'.")],
+    concepts: Annotated[list[str] | None, typer.Argument(
+        help="What to erase, e.g. 'Van Gogh' or 'church'; several (\"Van Gogh\" Monet) are "
+        "erased together, in one run, each towards --anchor.", show_default=False)] = None,
+    anchor: Annotated[str | None, typer.Option(
+        "--anchor", "-a", help="What the concepts should become instead, e.g. 'painting' or "
+        "'house'.", show_default=False)] = None,
+    concepts_file: Annotated[Path | None, typer.Option(
+        "--concepts", help="File of concepts to erase in the same run, one a line: concept, "
+        "anchor[, type] (each its own anchor).", dir_okay=False, show_default=False)] = None,
     concept_type: Annotated[
         str | None,
         typer.Option("--type", help="style, object or nudity (default: guessed from concept and "
@@ -78,6 +84,13 @@ def erase(
         help="--adversarial: file of retain prompts, one per line (default: the anchor "
         "selector's, else photos of the 80 COCO objects).", dir_okay=False,
         show_default=False)] = None,
+    uce_lambda: Annotated[float | None, typer.Option(
+        help="uce: λ, how strongly every projection stays as it was (0.5).",
+        show_default=False)] = None,
+    uce_erase_scale: Annotated[float | None, typer.Option(
+        help="uce: weight of the concepts' edit (1).", show_default=False)] = None,
+    uce_preserve_scale: Annotated[float | None, typer.Option(
+        help="uce: weight of each retain prompt (0.1).", show_default=False)] = None,
     seed: options.Seed = 0,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact folder "
                                                 "(default: erased/<concept>-<method>).",
@@ -105,7 +118,8 @@ def erase(
     dtype: options.Dtype = None,
     json_output: options.Json = False,
 ) -> None:
-    """Erase CONCEPT: prompts asking for it should give ANCHOR instead; the rest keeps working."""
+    """Erase CONCEPTS: prompts asking for them should give ANCHOR instead; the rest keeps
+    working."""
     from conceptctl.erasure.config import plan
     from conceptctl.erasure.distributed import is_main_launched_process
     from conceptctl.erasure.run import check_config
@@ -114,7 +128,8 @@ def erase(
     from conceptctl.sampling import slug
 
     selector = anchor_selector or ("prompt-file" if anchor_prompts else None)
-    cfg = plan(concept, anchor, backbone, concept_type=concept_type, method=method,
+    erasures = _erasures(concepts or [], anchor, concept_type, concepts_file)
+    cfg = plan(erasures, None, backbone, method=method,
                discriminator=discriminator, surgery=surgery, anchor_selector=selector,
                anchor_prompts=str(anchor_prompts) if anchor_prompts else None,
                anchor_prompt_count=anchor_prompt_count, params=params,
@@ -126,11 +141,13 @@ def erase(
                checkpoints_total_limit=checkpoints_total_limit, adversarial=adversarial,
                adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
                adversarial_tokens=adversarial_tokens, adversarial_lr=adversarial_lr,
-               adversarial_retain=adversarial_retain,
+               adversarial_retain=adversarial_retain, uce_lambda=uce_lambda,
+               uce_erase_scale=uce_erase_scale, uce_preserve_scale=uce_preserve_scale,
                retain_prompts=str(retain_prompts) if retain_prompts else None)
     if resume is not None and output is None:
         raise UsageError("--resume needs --output: the folder of the run to continue")
-    out = output or next_free_dir(Path("erased") / f"{slug(concept)}-{cfg.method}")
+    names = [e.concept for e in cfg.erasures()]
+    out = output or next_free_dir(Path("erased") / f"{slug('-'.join(names))}-{cfg.method}")
     # Settle bad input before any progress display starts, so the error is the first line.
     check_config(cfg)
     if resume is None and is_main_launched_process():  # only the main process writes
@@ -146,13 +163,36 @@ def erase(
         console.out.print_json(data=summary)
         return
     processes = f" on {result.processes} processes" if result.processes > 1 else ""
+    what = ", ".join(f"{e.concept!r} -> {e.anchor!r}" for e in cfg.erasures())
+    how = "closed form" if result.closed_form else f"{result.steps} steps"
     console.out.print(
-        f"erased {cfg.concept!r} -> {cfg.anchor!r} ({cfg.method}, {result.steps} steps) in "
+        f"erased {what} ({cfg.method}, {how}) in "
         f"{result.seconds['total']:.0f} s{processes}, peak memory "
         f"{result.peak_memory_mb:.0f} MB\n"
         f"artifact: {result.out_dir}\n"
         f"try: conceptctl sample {shlex.quote(cfg.concept)} --model "
         f"{shlex.quote(str(result.out_dir))} --compare")
+
+
+def _erasures(concepts: list[str], anchor: str | None, concept_type: str | None,
+              concepts_file: Path | None):
+    """The run's concepts: those named on the command line (each towards --anchor, of --type),
+    then those of --concepts FILE (each with its own anchor)."""
+    from conceptctl.erasure.concept_file import read_concept_file
+    from conceptctl.erasure.config import Erasure
+
+    if concepts and anchor is None:
+        raise UsageError("--anchor is missing: what should the concept become instead?",
+                         hint='e.g. conceptctl erase "Van Gogh" --anchor painting')
+    if not concepts and concepts_file is None:
+        raise UsageError("name a concept to erase, or give --concepts FILE",
+                         hint='e.g. conceptctl erase "Van Gogh" --anchor painting')
+    if not concepts and anchor is not None:
+        raise UsageError("--anchor applies to the concepts named on the command line; "
+                         "--concepts FILE gives each of its concepts its own anchor",
+                         hint="leave --anchor out, or name the concepts it is for")
+    listed = [Erasure(c.strip(), anchor.strip(), concept_type) for c in concepts]
+    return listed + (read_concept_file(concepts_file) if concepts_file is not None else [])
 
 
 def _run(cfg, out, resume, overwrite, device, dtype):

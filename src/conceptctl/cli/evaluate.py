@@ -187,18 +187,25 @@ def _run(artifacts, opts, out, compare, overwrite) -> list[dict]:
 
 
 def _table(result: dict):
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{result['artifact']['concept']} -> {result['artifact']['anchor']} "
-                  f"({result['artifact']['method']})")
+    from conceptctl.evaluation.compare import tagged_rows
+
+    parts = result.get("concepts") or [result["artifact"]]
+    what = ", ".join(f"{p['concept']} -> {p['anchor']}" for p in parts)
+    table = Table(title=f"{what} ({result['artifact']['method']})")
     for column in ("metric", "group", "value", "better", "pictures", "note"):
         table.add_column(column)
-    for m in result["metrics"]:
-        table.add_row(m["metric"], m["group"], _fmt(m["value"], m.get("unit", "share")),
-                      m["direction"],
-                      str(m["images"]), m["note"])
-    for a in result["attacks"]:
-        table.add_row(f"attack {a['attack']}", f"{a['cases']} target prompts",
+    metrics, attacks = tagged_rows(result)  # a several-concept report: group [concept]
+    for m in metrics:
+        table.add_row(escape(m["metric"]), escape(m["row"]),
+                      _fmt(m["value"], m.get("unit", "share")), m["direction"],
+                      str(m["images"]), escape(m["note"]))
+    for a in attacks:
+        tag = a["row"].removeprefix("target")
+        table.add_row(escape(f"attack {a['attack']}"),
+                      escape(f"{a['cases']} target prompts{tag}"),
                       _fmt(a["success_rate"]), "lower", "",
                       f"no attack: {_fmt(a['no_attack_rate'])}; per picture: "
                       f"{_fmt(a.get('picture_rate'))} vs {_fmt(a.get('no_attack_picture_rate'))}")
@@ -206,6 +213,7 @@ def _table(result: dict):
 
 
 def _compare_table(results: list[dict]):
+    from rich.markup import escape
     from rich.table import Table
 
     from conceptctl.evaluation.compare import compare_rows
@@ -213,9 +221,9 @@ def _compare_table(results: list[dict]):
     header, rows = compare_rows(results)
     table = Table(title="comparison")
     for column in header:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
+        table.add_column(escape(column))
+    for row in rows:  # plugin metric names and concepts are text, not rich markup
+        table.add_row(*map(escape, row))
     return table
 
 

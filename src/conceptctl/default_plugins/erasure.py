@@ -1,7 +1,7 @@
 """Built-in erasure components: methods, discriminators, gradient surgeries, anchor selectors."""
 
 from conceptctl.components import Component
-from conceptctl.erasure.config import CA_RECIPE, ESD_X_RECIPE
+from conceptctl.erasure.config import CA_RECIPE, ESD_X_RECIPE, UCE_RECIPE
 from conceptctl.hookspecs import hookimpl
 
 
@@ -31,6 +31,14 @@ def _ca(context, config):
     return AblatingConcepts(context, prior_weight=0.0, goal="student")
 
 
+def _uce(context, config):
+    from conceptctl.erasure.uce import UnifiedConceptEditing
+
+    return UnifiedConceptEditing(context, lam=config.uce_lambda,
+                                 erase_scale=config.uce_erase_scale,
+                                 preserve_scale=config.uce_preserve_scale)
+
+
 def _ca_doco_recipe(context, config):
     from conceptctl.erasure.methods import AblatingConcepts
 
@@ -40,7 +48,8 @@ def _ca_doco_recipe(context, config):
 def _esd_x(context, config):
     from conceptctl.erasure.esd import EsdX
 
-    return EsdX(context, config.concept, config.batch_size, eta=config.esd_eta,
+    return EsdX(context, [e.concept for e in config.erasures()], config.batch_size,
+                eta=config.esd_eta,
                 sampling_steps=config.esd_sampling_steps)
 
 
@@ -116,6 +125,9 @@ def register_methods(register):
                        recipe=CA_RECIPE))
     register(Component("esd-x", _esd_x, "ESD on cross-attention, the authors' recipe",
                        uses_anchor_images=False, recipe=ESD_X_RECIPE))
+    register(Component("uce", _uce, "Unified Concept Editing: closed-form edit of the "
+                       "cross-attention keys/values, seconds", uses_anchor_images=False,
+                       recipe=UCE_RECIPE, closed_form=True))
     register(Component("ca-doco-recipe", _ca_doco_recipe,
                        "CA's loss (frozen target + DoCo's prior) with DoCo's recipe"))
     register(Component("esd-x-doco-recipe", _esd_x_doco_recipe,

@@ -52,7 +52,9 @@ def _anchor_selector(config, backbone):
     from conceptctl.toy.anchors import toy_anchor_set
 
     count = {} if config.anchor_prompt_count is None else {"count": config.anchor_prompt_count}
-    return toy_anchor_set(config.concept, config.anchor, config.concept_type, fallback=count)
+    others = tuple(e.concept for e in config.erasures() if e.concept != config.concept)
+    return toy_anchor_set(config.concept, config.anchor, config.concept_type, fallback=count,
+                          also_erased=others)
 
 
 def _suite(manifest, images_per_prompt, seed):

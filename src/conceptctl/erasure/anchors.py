@@ -193,12 +193,25 @@ COCO_OBJECTS = (
 )
 
 
-def retain_prompts(anchors: AnchorSet, concept: str, file: str | None = None) -> tuple[str, ...]:
-    """What adversarial erasure keeps: the user's file, else the selector's retain set, else
-    the built-in COCO object photos; never a prompt that names the concept."""
+def retain_prompts(anchors: AnchorSet, concepts: str | list[str],
+                   file: str | None = None) -> tuple[str, ...]:
+    """What adversarial erasure and closed-form edits keep: the user's file, else the
+    selector's retain set, else the built-in COCO object photos; never a prompt that names one
+    of the ``concepts`` erased."""
     if file is not None:
         return read_prompt_lines(Path(file), "retain prompt")
     prompts = anchors.retain or tuple(fix_articles(f"a photo of a {name}")
                                       for name in COCO_OBJECTS)
-    named = re.compile(rf"\b{re.escape(concept.strip())}\b", re.IGNORECASE)
-    return tuple(p for p in prompts if not named.search(p))
+    names = [concepts] if isinstance(concepts, str) else list(concepts)
+    named = [re.compile(rf"\b{re.escape(c.strip())}\b", re.IGNORECASE) for c in names]
+    return tuple(p for p in prompts if not any(n.search(p) for n in named))
+
+
+def merge_anchor_sets(sets: list[AnchorSet]) -> AnchorSet:
+    """One set of every erasure's pairs, in order (a run of several concepts trains on all of
+    them: each batch draws from every concept's pairs), with every retain prompt once."""
+    if len(sets) == 1:
+        return sets[0]
+    return AnchorSet(tuple(p for s in sets for p in s.anchor),
+                     tuple(p for s in sets for p in s.target),
+                     tuple(dict.fromkeys(p for s in sets for p in s.retain)))

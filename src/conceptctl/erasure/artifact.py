@@ -78,7 +78,8 @@ def write_artifact(out_dir: Path, weights: dict[str, torch.Tensor], manifest: di
                                     hint=_NON_FINITE_HINT)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {HEADER_KEY: json.dumps({k: manifest[k] for k in (
-        "format_version", "concept", "anchor", "concept_type", "method", "base")})}
+        "format_version", "concept", "anchor", "concept_type", "concepts", "method", "base")
+        if k in manifest})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     _atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=header))
     _atomic_write(out_dir / "README.md", lambda tmp: Path(tmp).write_text(model_card))
@@ -298,19 +299,26 @@ def _summary(history: list[dict]) -> dict:
             "surgery_fired_share": sum(fired) / len(fired) if fired else None}
 
 
-def build_manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_file, selector,
+def build_manifest(cfg, backbone, base, params, groups, samplings, cache_files, selector,
                    seconds, peak, history, versions) -> dict:
-    """conceptctl.json of a finished run: what was erased, from which base, with which components
-    (and their plugins' versions), every setting, the anchors, the training summary, time,
-    memory, machine and library versions."""
+    """conceptctl.json of a finished run: what was erased (``concepts``: every concept with its
+    anchor and type; ``concept``/``anchor``/``concept_type``: the first), from which base, with
+    which components (and their plugins' versions), every setting, the anchors (per erasure),
+    the training summary, time, memory, machine and library versions."""
     from dataclasses import asdict
 
+    from conceptctl.erasure.anchors import merge_anchor_sets
+
+    anchors = merge_anchor_sets([group for _, group in groups])
+    files = [f.name for f in cache_files] or [None] * len(groups)
     return {
         "format_version": FORMAT_VERSION,
         "kind": "values",  # weights.safetensors holds new values of the listed tensors
         "concept": cfg.concept,
         "anchor": cfg.anchor,
         "concept_type": cfg.concept_type,
+        "concepts": [{"concept": e.concept, "anchor": e.anchor, "concept_type": e.concept_type}
+                     for e in cfg.erasures()],
         "method": cfg.method,
         "base": {**backbone.describe(), **base, "tensors": sorted(params)},
         "components": {
@@ -322,8 +330,12 @@ def build_manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_
         "hyperparameters": cfg.as_dict(),
         "seed": cfg.seed,
         "anchors": {"prompts": list(anchors.anchor), "targets": list(anchors.target),
-                    "sampler": asdict(anchor_settings) | {"prompts": len(anchors.anchor)},
-                    "cache_file": cache_file.name if cache_file else None},
+                    # The first erasure's sampler; every erasure's prompts are drawn alike.
+                    "sampler": asdict(samplings[0]) | {"prompts": len(samplings[0].prompts)},
+                    "cache_file": files[0],
+                    "per_concept": [{"concept": e.concept, "prompts": len(group.anchor),
+                                     "cache_file": file}
+                                    for (e, group), file in zip(groups, files, strict=True)]},
         "training": _summary(history),
         "seconds": seconds,
         "peak_memory_mb": round(peak, 1),
@@ -334,10 +346,25 @@ def build_manifest(cfg, backbone, base, params, anchors, anchor_settings, cache_
 
 
 def _anchor_line(m: dict) -> str:
+    if "edit" in m:
+        return "none (closed-form edit)"
     if m["anchors"]["cache_file"] is None:
         return "none (the method samples its own training latents)"
     per_prompt = m["hyperparameters"]["anchor_images_per_prompt"]
     return f"{len(m['anchors']['prompts'])} prompts x {per_prompt}"
+
+
+def _edit_rows(m: dict) -> list[tuple[str, object]]:
+    """A closed-form method's rows (no steps or rates): what it edited, with its scales."""
+    h, edit = m["hyperparameters"], m["edit"]
+    pairs = ", ".join(f"{old} → {new}" for old, new in edit.get("edited_prompts", []))
+    rows: list[tuple[str, object]] = [
+        ("edit", f"closed form: {pairs or 'see conceptctl.json'}; "
+                 f"{edit.get('retain_prompts', '?')} retain prompts")]
+    if m["method"] == "uce":
+        rows.append(("scales", f"λ {h['uce_lambda']}, erase {h['uce_erase_scale']}, "
+                               f"preserve {h['uce_preserve_scale']}"))
+    return rows
 
 
 def artifact_card(m: dict) -> str:
@@ -347,10 +374,12 @@ def artifact_card(m: dict) -> str:
         ("base model", f"{m['base']['name']} (`{m['base']['source']}`)"),
         ("base tensors replaced",
          f"{len(m['base']['tensors'])}, digest `{m['base']['tensors_digest']}`"),
-        ("method", f"{m['method']} (discriminator {h['discriminator']}, surgery {h['surgery']})"),
+        ("method", m["method"] if m["method"] != "doco" else
+         f"doco (discriminator {h['discriminator']}, surgery {h['surgery']})"),
         ("trained parameters", h["params"]),
-        ("steps / warm-up / batch", f"{h['steps']} / {h['warmup']} / {h['batch_size']}"),
-        ("learning rates", f"generator {h['lr']}, discriminator {h['d_lr']}"),
+        *(_edit_rows(m) if "edit" in m else [
+            ("steps / warm-up / batch", f"{h['steps']} / {h['warmup']} / {h['batch_size']}"),
+            ("learning rates", f"generator {h['lr']}, discriminator {h['d_lr']}")]),
         ("seed", h["seed"]),
         ("anchor images", _anchor_line(m)),
         ("time", f"{m['seconds']['total']} s ({m['machine']['device']})"),
@@ -363,13 +392,27 @@ def artifact_card(m: dict) -> str:
         "original beside it)."))
 
 
+def concepts_of(record: dict) -> list[dict]:
+    """Every concept a manifest or header records as erased (``concept``, ``anchor``,
+    ``concept_type`` each): its ``concepts`` list, or the one concept of a record without it
+    (written before several concepts per run existed)."""
+    listed = record.get("concepts")
+    if isinstance(listed, list) and listed:
+        return listed
+    return [{k: record.get(k) for k in ("concept", "anchor", "concept_type")}]
+
+
 def model_card(record: dict, intro: str, rows: list[tuple[str, object]], body: str,
                front_matter: tuple[str, ...] = ()) -> str:
     """The one model-card layout (an artifact's README, an exported folder's): optional YAML
-    front matter, a title, what the model now does instead, a table, then ``body``."""
+    front matter, a title, what the model now does instead (every concept), a table, then
+    ``body``."""
     head = "\n".join(("---", *front_matter, "---", "", "")) if front_matter else ""
     table = "\n".join(["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
-    return (f"{head}# {record['concept']} erased from {record['base'].get('name')} "
-            f"({record['method']})\n\n{intro}: prompts asking for **{record['concept']}** "
-            f"({record['concept_type']}) should now give **{record['anchor']}** instead.\n\n"
+    concepts = concepts_of(record)
+    names = ", ".join(c["concept"] for c in concepts)
+    asks = "; ".join(f"prompts asking for **{c['concept']}** ({c['concept_type']}) should now "
+                     f"give **{c['anchor']}** instead" for c in concepts)
+    return (f"{head}# {names} erased from {record['base'].get('name')} "
+            f"({record['method']})\n\n{intro}: {asks}.\n\n"
             f"{table}\n\n{body}\n")

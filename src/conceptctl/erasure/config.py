@@ -12,6 +12,15 @@ counts to the toy model and were chosen by measurement (docs/erase.md).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import NamedTuple
+
+
+class Erasure(NamedTuple):
+    """One concept of a run and what it should become (``concept_type`` None: guessed)."""
+
+    concept: str
+    anchor: str
+    concept_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,10 @@ class EraseConfig:
     concept: str
     anchor: str
     concept_type: str | None = None  # None: guessed from concept and anchor
+    # Several concepts in one run: every (concept, anchor, type) of it, the first being the
+    # fields above; empty for a run of one concept. Methods and anchor selectors see one
+    # erasure at a time through :meth:`for_erasure`, with this list telling them the rest.
+    concepts: tuple[tuple[str, str, str | None], ...] = ()
     backbone: str | None = None  # None: the default-backbone setting
     method: str = "doco"
     discriminator: str = "patchgan"
@@ -62,6 +75,11 @@ class EraseConfig:
     adversarial_lr: float = 0.01
     adversarial_retain: float = 1.0
     retain_prompts: str | None = None
+    # uce (conceptctl.erasure.uce): λ, the erase and the preserve scale of the closed-form
+    # solve; the authors' script defaults.
+    uce_lambda: float = 0.5
+    uce_erase_scale: float = 1.0
+    uce_preserve_scale: float = 0.1
     seed: int = 0
     checkpoints_total_limit: int = 2
     # The recipe: None takes the preset's value (RECIPE and the presets below).
@@ -82,7 +100,9 @@ class EraseConfig:
     checkpointing_steps: int | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The settings as JSON holds them (``concepts`` as lists), so that a record read back
+        from a checkpoint or manifest compares equal to the run's own."""
+        return {**asdict(self), "concepts": [list(entry) for entry in self.concepts]}
 
     def with_overrides(self, **overrides) -> EraseConfig:
         """A copy with every non-None override applied (CLI flags the user gave)."""
@@ -94,7 +114,20 @@ class EraseConfig:
 
     def is_complete(self) -> bool:
         return all(getattr(self, name) is not None
-                   for name in (*RECIPE, "concept_type", "backbone"))
+                   for name in (*RECIPE, "concept_type", "backbone")) and all(
+            kind is not None for _, _, kind in self.concepts)
+
+    def erasures(self) -> tuple[Erasure, ...]:
+        """Every concept the run erases, the first being ``concept``/``anchor``."""
+        if self.concepts:
+            return tuple(Erasure(*entry) for entry in self.concepts)
+        return (Erasure(self.concept, self.anchor, self.concept_type),)
+
+    def for_erasure(self, erasure: Erasure) -> EraseConfig:
+        """These settings with ``concept``/``anchor``/``concept_type`` set to one erasure's (what
+        an anchor selector or a one-concept helper reads); ``concepts`` still lists them all."""
+        return replace(self, concept=erasure.concept, anchor=erasure.anchor,
+                       concept_type=erasure.concept_type)
 
 
 # DoCo's SD recipe (the reference code's values): what every preset starts from.
@@ -128,6 +161,10 @@ TYPE_PRESETS: dict[str, dict] = {
 CA_RECIPE: dict = dict(steps=100, warmup=0, batch_size=8, lr_per_image=2e-6,
                        params="cross-attn-kv", weight_decay=1e-2, max_grad_norm=1.0,
                        checkpointing_steps=50)
+# uce edits in closed form: no steps, batches or rates; the values below only fill the recipe
+# (the card says "closed form" instead of steps). Its trained tensors are attn2.to_k/to_v.
+UCE_RECIPE: dict = dict(steps=1, warmup=0, batch_size=1, params="cross-attn-kv",
+                        checkpointing_steps=1)
 ESD_X_RECIPE: dict = dict(steps=1000, warmup=0, batch_size=1, lr_per_image=1e-5,
                           params="cross-attn", weight_decay=0.0, esd_eta=1.0,
                           esd_sampling_steps=50, checkpointing_steps=250)
@@ -176,15 +213,30 @@ def complete(cfg: EraseConfig, spec=None) -> EraseConfig:
     backbone = cfg.backbone or load_settings().default_backbone
     spec = spec or resolve_backbone(backbone)  # reads the settings itself
     kind = cfg.concept_type or guess_type(cfg.concept, cfg.anchor)
+    concepts = tuple((c, a, t or guess_type(c, a)) for c, a, t in cfg.concepts)
+    # Several concepts of several types: the first one's preset (the run has one recipe).
     recipe = preset(kind, cfg.batch_size, cfg.method, spec.erase_presets)
-    return replace(cfg, backbone=backbone, concept_type=kind,
+    return replace(cfg, backbone=backbone, concept_type=kind, concepts=concepts,
                    **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
 
 
-def plan(concept: str, anchor: str, backbone: str | None = None, **overrides) -> EraseConfig:
-    """The complete settings of one erasure, as ``conceptctl erase`` runs it: the preset of the
+def plan(concept: str | list[Erasure], anchor: str | None = None, backbone: str | None = None,
+         **overrides) -> EraseConfig:
+    """The complete settings of an erasure, as ``conceptctl erase`` runs it: the preset of the
     backbone, concept type (guessed unless ``concept_type`` is given) and method, then every
     non-None override (any :class:`EraseConfig` field). E.g.
-    ``plan("church", "house", steps=200)`` on the toy: the toy preset with 200 steps."""
-    cfg = EraseConfig(concept=concept.strip(), anchor=anchor.strip(), backbone=backbone)
+    ``plan("church", "house", steps=200)`` on the toy: the toy preset with 200 steps.
+    ``concept`` may be a list of :class:`Erasure` (several concepts in one run; ``anchor``
+    and ``concept_type`` then come from the list)."""
+    if isinstance(concept, str):
+        cfg = EraseConfig(concept=concept.strip(), anchor=(anchor or "").strip(),
+                          backbone=backbone)
+    else:
+        entries = [Erasure(c.strip(), a.strip(), t) for c, a, t in concept]
+        if not entries:
+            raise ValueError("plan() needs at least one concept")
+        first = entries[0]
+        cfg = EraseConfig(concept=first.concept, anchor=first.anchor,
+                          concept_type=first.concept_type, backbone=backbone,
+                          concepts=tuple(tuple(e) for e in entries) if len(entries) > 1 else ())
     return complete(cfg.with_overrides(**overrides))

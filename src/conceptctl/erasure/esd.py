@@ -68,8 +68,8 @@ class EsdX:
 
     clips_gradients = True  # i.e. the trainer must not clip: the reference never does
 
-    def __init__(self, ctx: Context, concept: str, batch_size: int, eta: float = 1.0,
-                 sampling_steps: int = DDIM_STEPS) -> None:
+    def __init__(self, ctx: Context, concepts: str | list[str], batch_size: int,
+                 eta: float = 1.0, sampling_steps: int = DDIM_STEPS) -> None:
         if ctx.dist.world > 1:
             raise UsageError(
                 "esd-x samples its own training latents one batch at a time and runs in one "
@@ -79,9 +79,12 @@ class EsdX:
         self.ctx, self.eta, self.batch_size, self.steps = ctx, eta, batch_size, sampling_steps
         # The original model's conditioning, encoded once before training; with
         # --params text-encoder the student's is encoded afresh each step (_student_text).
-        self.text = backbone.encode_prompts([concept])
+        # Several concepts: step s trains on concept s mod their number (no random draw, so one
+        # concept's run draws exactly the numbers it always did).
+        self.concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+        self.text = backbone.encode_prompts(self.concepts)
         self.empty = backbone.encode_prompts([""])
-        self.student_prompts = (PromptEncoder(backbone, [concept, ""])
+        self.student_prompts = (PromptEncoder(backbone, [*self.concepts, ""])
                                 if ctx.trains_text_encoder else None)
         side = backbone.resolution // backbone.vae_scale_factor
         self.shape = (backbone.latent_channels, side, side)
@@ -93,18 +96,22 @@ class EsdX:
         k = int(torch.randint(self.steps, (1,), generator=ctx.generator))
         noise = torch.randn((n, *self.shape), generator=ctx.generator)
         noise = noise.to(device=backbone.device, dtype=backbone.dtype)
-        text, empty = self.text.expand(n, -1, -1), self.empty.expand(n, -1, -1)
+        which = step % len(self.concepts)
+        text = self.text[which:which + 1].expand(n, -1, -1)
+        empty = self.empty.expand(n, -1, -1)
         own, own_empty = text, empty  # the student's conditioning
         if self.student_prompts is not None:
-            both = self.student_prompts().to(backbone.dtype)
-            own, own_empty = both[:1].expand(n, -1, -1), both[1:].expand(n, -1, -1)
+            encoded = self.student_prompts().to(backbone.dtype)
+            own = encoded[which:which + 1].expand(n, -1, -1)
+            own_empty = encoded[-1:].expand(n, -1, -1)
         with ctx.timer("partial sampling"):  # the model as it is now draws x_t
             x_t, t = partial_sample(backbone, unet, noise, own.detach(), own_empty.detach(), k,
                                     steps=self.steps)
         goal = esd_goal(ctx, x_t, t, text, empty, self.eta)
         if ctx.adversary is not None:  # --adversarial: the attacked concept prompt, same goal
             with ctx.timer("inner attack"):
-                attacked = ctx.adversary(x_t, t, torch.zeros(n, dtype=torch.long), text, step)
+                attacked = ctx.adversary(x_t, t, torch.full((n,), which, dtype=torch.long),
+                                         text, step)
             x_t, t, goal = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([goal, goal])
             own = torch.cat([own, attacked])
         loss = F.mse_loss(unet(x_t, t, own).sample.float(), goal.float())

@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-from conceptctl.erasure.anchors import CONCEPT_TYPES, read_prompt_lines, retain_prompts
+from conceptctl.erasure.anchors import (
+    CONCEPT_TYPES,
+    merge_anchor_sets,
+    read_prompt_lines,
+    retain_prompts,
+)
 from conceptctl.erasure.artifact import (
     artifact_card,
     base_record,
@@ -68,29 +73,25 @@ class EraseResult:
     warnings: list[str] = field(default_factory=list)
     processes: int = 1  # data-parallel processes that trained it
     main_process: bool = True  # False in the other processes of a data-parallel run
+    closed_form: bool = False  # the method edited the weights in one solve (no steps)
 
 
 def check_config(cfg: EraseConfig) -> None:
     """Reject settings that cannot work, before anything is loaded (the preset fills what
     ``cfg`` leaves None)."""
-    if not cfg.concept.strip():
-        raise UsageError("the concept to erase is empty", hint='conceptctl erase "Van Gogh" '
-                         "--anchor painting")
-    if not cfg.anchor.strip():
-        raise UsageError("the anchor concept is empty", hint="--anchor names what the concept "
-                         "should become, e.g. --anchor painting")
+    for erasure in cfg.erasures():
+        _check_erasure(erasure)
+    _check_concept_list(cfg)
+    if cfg.adversarial and _closed_form(cfg.method):
+        raise UsageError(f"--adversarial attacks the model while it trains, and {cfg.method} "
+                         "edits it in closed form, without training",
+                         hint="leave --adversarial out, or use --method doco, ca or esd-x")
     if cfg.retain_prompts is not None:
-        if not cfg.adversarial:
-            raise UsageError("--retain-prompts is only used by adversarial erasure",
+        if not (cfg.adversarial or _closed_form(cfg.method)):
+            raise UsageError("--retain-prompts is only used by adversarial erasure and "
+                             "closed-form methods (uce)",
                              hint="add --adversarial, or leave --retain-prompts out")
         read_prompt_lines(Path(cfg.retain_prompts), "retain prompt")  # fails before any work
-    if " ".join(cfg.concept.lower().split()) == " ".join(cfg.anchor.lower().split()):
-        raise UsageError(f"the anchor equals the concept ({cfg.concept!r})",
-                         hint="choose an anchor the concept should turn into, e.g. church -> "
-                         "house")
-    if cfg.concept_type is not None and cfg.concept_type not in CONCEPT_TYPES:
-        raise UsageError(f"unknown concept type {cfg.concept_type!r}; use "
-                         f"{', '.join(CONCEPT_TYPES)}")
     cfg = complete(cfg)
     _check_numbers(cfg)
     for name, minimum in (("steps", 1), ("batch_size", 1), ("anchor_images_per_prompt", 1),
@@ -126,12 +127,56 @@ def check_config(cfg: EraseConfig) -> None:
         get_registry("anchor-selector").entry(cfg.anchor_selector)
 
 
+def _check_erasure(erasure) -> None:
+    concept, anchor, kind = erasure
+    if not concept.strip():
+        raise UsageError("the concept to erase is empty", hint='conceptctl erase "Van Gogh" '
+                         "--anchor painting")
+    if not anchor.strip():
+        raise UsageError(f"the anchor concept of {concept!r} is empty", hint="--anchor names "
+                         "what the concept should become, e.g. --anchor painting")
+    if _same_words(concept, anchor):
+        raise UsageError(f"the anchor equals the concept ({concept!r})",
+                         hint="choose an anchor the concept should turn into, e.g. church -> "
+                         "house")
+    if kind is not None and kind not in CONCEPT_TYPES:
+        raise UsageError(f"unknown concept type {kind!r}; use {', '.join(CONCEPT_TYPES)}")
+
+
+def _same_words(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def _check_concept_list(cfg: EraseConfig) -> None:
+    """Several concepts: each once, and none the anchor of another (it would be erased and
+    taught at once)."""
+    erasures = cfg.erasures()
+    for i, erasure in enumerate(erasures):
+        for other in erasures[:i]:
+            if _same_words(erasure.concept, other.concept):
+                raise UsageError(f"{erasure.concept!r} is listed twice",
+                                 hint="name each concept once")
+        for other in erasures:
+            if _same_words(erasure.concept, other.anchor):
+                raise UsageError(f"{erasure.concept!r} is erased and is also the anchor of "
+                                 f"{other.concept!r}", hint="choose an anchor that stays, e.g. "
+                                 "church -> house and airplane -> house")
+
+
+def _closed_form(method: str) -> bool:
+    """Whether ``method`` edits the weights in closed form (no training loop), e.g. ``uce``."""
+    methods = get_registry("method")
+    return method in methods and getattr(methods.entry(method).value, "closed_form", False)
+
+
 # The least value of each float setting, and whether it may equal it. Every float must also be
 # finite: Typer reads 'nan' and 'inf' as numbers, and either one trains NaN weights.
 _FLOAT_MINIMA = {"lr": (0, False), "d_lr": (0, False), "max_grad_norm": (0, False),
                  "weight_decay": (0, True), "surgery_strength": (0, True),
                  "prior_weight": (0, True), "esd_eta": (0, True), "anchor_guidance": (0, True),
-                 "adversarial_lr": (0, False), "adversarial_retain": (0, True)}
+                 "adversarial_lr": (0, False), "adversarial_retain": (0, True),
+                 "uce_lambda": (0, False), "uce_erase_scale": (0, True),
+                 "uce_preserve_scale": (0, True)}
 
 
 def _check_numbers(cfg: EraseConfig) -> None:
@@ -257,7 +302,8 @@ def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None,
     precision = Precision(cfg.mixed_precision, backbone.device.type)
     extra = {"timer": timer} if timer is not None else {}
     dist = dist or SingleProcess()
-    adversary = build_adversary(backbone, frozen, cfg, prompts or [cfg.concept], dist.world,
+    adversary = build_adversary(backbone, frozen, cfg,
+                                prompts or [e.concept for e in cfg.erasures()], dist.world,
                                 retain)
     context = Context(backbone=backbone, frozen_unet=frozen, params=params,
                       generator=state.generator, precision=precision, dist=dist,
@@ -329,26 +375,32 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     backbone = open_backbone(cfg.backbone, device=device, dtype=dtype)
     apply_speed_settings(cfg, backbone.device)
     notes: list[str] = []
-    selector, anchors = _anchor_prompts(cfg, backbone, report, notes)
-    retain = retain_prompts(anchors, cfg.concept, cfg.retain_prompts) if cfg.adversarial else ()
-    anchor_settings = _anchor_sampling(cfg, anchors, backbone)
-    # A method that makes its own training latents (esd-x) needs no anchor images.
+    selector, groups = _anchor_prompts(cfg, backbone, report, notes)
+    anchors = merge_anchor_sets([group for _, group in groups])
+    closed_form = _closed_form(cfg.method)
+    retain = retain_prompts(anchors, [e.concept for e in cfg.erasures()], cfg.retain_prompts) \
+        if cfg.adversarial or closed_form else ()
+    # One sampling per erasure, each as its own one-concept run draws it (so its cache serves
+    # both); erasures sharing an anchor and its prompts share the images.
+    samplings = [_anchor_sampling(cfg, group, backbone) for _, group in groups]
+    # A method that makes its own training latents (esd-x), or edits in closed form (uce),
+    # needs no anchor images.
     uses_images = getattr(get_registry("method").get(cfg.method), "uses_anchor_images", True)
     count = len(anchors.anchor) * cfg.anchor_images_per_prompt if uses_images else 0
     _check_anchor_count(count, backbone)
 
-    # The trained tensors' base values (for the manifest), and the anchor cache file's name.
+    # The trained tensors' base values (for the manifest), and the anchor cache files' names.
     base = base_record(select_parameters(backbone, cfg.params))
     digest = backbone_digest(backbone) if dist.is_main and uses_images else None
     if dist.is_main:
-        record |= data_record(backbone.dtype, base, count, f"{cache_key(digest, anchor_settings)}"
-                              ".safetensors" if uses_images else "")
+        names = ",".join(f"{cache_key(digest, s)}.safetensors" for s in samplings)
+        record |= data_record(backbone.dtype, base, count, names if uses_images else "")
     check_resume(resume_from, record, dist)
 
     t0 = time.time()
-    data, cached, cache_file = (_anchor_data(cfg, backbone, anchors, anchor_settings, count,
-                                             settings.cache_dir, digest, dist, report, notes)
-                                if uses_images else (None, False, None))
+    data, cached, cache_files = (_anchor_data(cfg, backbone, anchors, samplings,
+                                              settings.cache_dir, digest, dist, report, notes)
+                                 if uses_images else (None, False, []))
     anchor_seconds = time.time() - t0
 
     training = prepare_training(
@@ -360,7 +412,13 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    _train(out_dir, cfg, backbone, data, training, record, dist, report)
+    edit_figures = None
+    if closed_form:
+        with torch.no_grad():
+            edit_figures = training.method.edit(groups, retain)
+        _check_finite(training.params)
+    else:
+        _train(out_dir, cfg, backbone, data, training, record, dist, report)
     train_seconds = time.time() - t0
 
     seconds = {"anchors": round(anchor_seconds, 2), "training": round(train_seconds, 2),
@@ -368,36 +426,42 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     peak = dist.max(_peak_memory_mb(backbone.device))  # the largest process's
     state, params = training.state, training.params
     if dist.is_main:
-        manifest = build_manifest(cfg, backbone, base, params, anchors, anchor_settings,
-                                  cache_file, selector, seconds, peak, state.history,
+        manifest = build_manifest(cfg, backbone, base, params, groups, samplings,
+                                  cache_files, selector, seconds, peak, state.history,
                                   library_versions())
         manifest["training"]["precision"] = training.precision.state_dict()
         manifest["machine"]["processes"] = dist.world
+        if edit_figures is not None:
+            manifest["edit"] = edit_figures
         write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
                        artifact_card(manifest))
     dist.barrier()  # no process ends before the artifact is written
     return EraseResult(out_dir, state.step, seconds, peak, cached, notes, dist.world,
-                       dist.is_main)
+                       dist.is_main, closed_form)
 
 
 def _anchor_prompts(cfg: EraseConfig, backbone, report, notes: list[str]):
-    """Phase 1: the anchor and target prompts, from the chosen (or the backbone's) selector."""
+    """Phase 1: the anchor and target prompts of each erasure, from the chosen (or the
+    backbone's) selector; (selector, [(erasure, its AnchorSet), …])."""
     selector_name = cfg.anchor_selector or backbone.spec.anchor_selector or "templates"
     selector = get_registry("anchor-selector").entry(selector_name)
+    groups = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        anchors = selector.value.build(config=cfg, backbone=backbone.spec)
-    for note in [str(w.message) for w in caught]:
+        for erasure in cfg.erasures():
+            groups.append((erasure, selector.value.build(config=cfg.for_erasure(erasure),
+                                                         backbone=backbone.spec)))
+    for note in dict.fromkeys(str(w.message) for w in caught):  # each once
         notes.append(note)
         report.message(f"warning: {note}")
-    return selector, anchors
+    return selector, groups
 
 
 def _anchor_sampling(cfg: EraseConfig, anchors, backbone):
-    """How the anchor images are drawn from the ORIGINAL model. As the reference: DPM-Solver
-    whatever the backbone's own sampler, and every image from its own noise (prompt p's image k
-    is seeded seed + p x images per prompt + k). Batches of 32: measured fastest per image
-    (docs/performance.md), the same images as one by one since each has its own seed."""
+    """How one erasure's anchor images are drawn from the ORIGINAL model. As the reference:
+    DPM-Solver whatever the backbone's own sampler, and every image from its own noise (prompt
+    p's image k is seeded seed + p x images per prompt + k). Batches of 32: measured fastest per
+    image (docs/performance.md), the same images as one by one since each has its own seed."""
     from conceptctl.sampling import SampleSettings
 
     return SampleSettings(
@@ -408,32 +472,44 @@ def _anchor_sampling(cfg: EraseConfig, anchors, backbone):
     ).for_backbone(backbone)
 
 
-def _anchor_data(cfg: EraseConfig, backbone, anchors, anchor_settings, count: int, cache_dir,
-                 digest, dist, report, notes: list[str]):
-    """Phase 2: the anchor latents (drawn, or reused from the cache) with every prompt encoded
-    once (training never runs the text encoder); (data, came from the cache, cache file)."""
+def _anchor_data(cfg: EraseConfig, backbone, anchors, samplings, cache_dir, digest, dist,
+                 report, notes: list[str]):
+    """Phase 2: the anchor latents (drawn, or reused from the cache, one sampling per erasure)
+    with every prompt encoded once (training never runs the text encoder); (data, all came
+    from the cache, cache files)."""
     from conceptctl.erasure.anchor_data import AnchorCacheWarning, anchor_latents
 
-    share = dist.shard(count)
-    total, done = (share.stop - share.start) * anchor_settings.steps, 0
+    def share(sampling) -> int:  # this process's image-steps of one sampling
+        rows = dist.shard(len(sampling.prompts) * sampling.images_per_prompt)
+        return (rows.stop - rows.start) * sampling.steps
+
+    total, done = sum(share(s) for s in dict.fromkeys(samplings)), 0
 
     def advance(n: int) -> None:
         nonlocal done
         done += n
         report.anchor_progress(done, total)
 
+    drawn: dict = {}  # sampling -> (latents, cached, file): a shared anchor is drawn once
     # Mixed precision speeds up drawing the anchors as much as training.
     with Precision(cfg.mixed_precision, backbone.device.type).autocast(), \
             warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AnchorCacheWarning)
-        latents, cached, cache_file = anchor_latents(
-            backbone, anchor_settings, cache_dir, digest=digest, on_step=advance, dist=dist)
+        for sampling in samplings:
+            if sampling not in drawn:
+                drawn[sampling] = anchor_latents(backbone, sampling, cache_dir, digest=digest,
+                                                 on_step=advance, dist=dist)
     for note in [str(w.message) for w in caught  # a damaged or unwritable cache
                  if issubclass(w.category, AnchorCacheWarning)]:
         notes.append(note)
         report.message(f"warning: {note}")
-    report.message(("reused" if cached else "generated") +
-                   f" {len(latents)} anchor images ({cache_file.name})")
+    parts = [drawn[sampling] for sampling in samplings]
+    latents = torch.cat([part[0] for part in parts])
+    cached = all(part[1] for part in parts)
+    cache_files = [part[2] for part in parts]
+    for latent_part, was_cached, cache_file in _unique(parts):
+        report.message(("reused" if was_cached else "generated") +
+                       f" {len(latent_part)} anchor images ({cache_file.name})")
     data = TrainingData(
         latents=latents,
         prompt_index=torch.arange(len(anchors.anchor)).repeat_interleave(
@@ -448,7 +524,26 @@ def _anchor_data(cfg: EraseConfig, backbone, anchors, anchor_settings, count: in
         data.augment = Rescale(backbone, to_pixels(backbone, latents), torch.stack([
             backbone.encode_prompts([prefix + p for p in anchors.target]).cpu()
             for prefix in PREFIXES]))
-    return data, cached, cache_file
+    return data, cached, cache_files
+
+
+def _unique(parts):
+    """Each (latents, cached, file) once, in order (erasures sharing a sampling share one)."""
+    seen: set[int] = set()
+    for part in parts:
+        if id(part) not in seen:
+            seen.add(id(part))
+            yield part
+
+
+def _check_finite(params: dict[str, torch.nn.Parameter]) -> None:
+    """A closed-form edit's result must be finite, as every training step's is."""
+    from conceptctl.erasure.finite import NonFiniteWeightsError, first_non_finite
+
+    bad = first_non_finite(params)
+    if bad is not None:
+        raise NonFiniteWeightsError(f"after the edit, {bad}; nothing was written",
+                                    hint="lower the method's scales or check the prompts")
 
 
 def _resume(training: Training, resume_from, resume, dist, report) -> None:

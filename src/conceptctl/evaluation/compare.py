@@ -51,33 +51,48 @@ def unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def tagged_rows(result: dict) -> tuple[list[dict], list[dict]]:
+    """A report's metrics and attacks, each with the group a comparison row shows: a
+    several-concept report's carry their concept's name (``target [Monet]``)."""
+    if "concepts" not in result:
+        return ([{**m, "row": m["group"]} for m in result["metrics"]],
+                [{**a, "row": "target"} for a in result["attacks"]])
+    metrics, attacks = [], []
+    for part in result["concepts"]:
+        tag = f" [{part['concept']}]"
+        metrics += [{**m, "row": m["group"] + tag} for m in part["metrics"]]
+        attacks += [{**a, "row": "target" + tag} for a in part["attacks"]]
+    return metrics, attacks
+
+
 def compare_rows(results: list[dict], names: list[str] | None = None):
     names = names or [_column_name(r) for r in results]
+    parts = [tagged_rows(r) for r in results]
     keys: list[tuple[str, str, str]] = []
-    for r in results:
-        for m in r["metrics"]:
-            key = (m["metric"], m["group"], m["direction"])
+    for metrics, _ in parts:
+        for m in metrics:
+            key = (m["metric"], m["row"], m["direction"])
             if key not in keys:
                 keys.append(key)
     rows = []
     for metric, group, direction in keys:
         cells = []
-        for r in results:
-            found = [m for m in r["metrics"] if (m["metric"], m["group"]) == (metric, group)]
+        for metrics, _ in parts:
+            found = [m for m in metrics if (m["metric"], m["row"]) == (metric, group)]
             cells.append(format_value(found[0]["value"], found[0].get("unit", "share"))
                          if found else "-")
         rows.append([metric, group, direction, *cells])
-    attacks = list(dict.fromkeys(a["attack"] for r in results for a in r["attacks"]))
-    for attack in attacks:
+    attacks = list(dict.fromkeys((a["attack"], a["row"]) for _, found in parts for a in found))
+    for attack, group in attacks:
         for field, label in (("success_rate", f"attack {attack}"),
                              ("no_attack_rate", f"no attack ({attack} prompts)"),
                              ("picture_rate", f"attack {attack}, per picture"),
                              ("no_attack_picture_rate", "no attack, per picture")):
             cells = []
-            for r in results:
-                found = [a for a in r["attacks"] if a["attack"] == attack]
+            for _, found_attacks in parts:
+                found = [a for a in found_attacks if (a["attack"], a["row"]) == (attack, group)]
                 cells.append(format_value(found[0].get(field)) if found else "-")
-            rows.append([label, "target", "lower", *cells])
+            rows.append([label, group, "lower", *cells])
     rows.append(["verdict", "", "", *[_verdict_cell(r["verdict"]) for r in results]])
     return ["metric", "group", "better", *names], rows
 

@@ -185,6 +185,30 @@ def _fmt(value, unit: str = "share") -> str:
     return format_value(value, unit, missing="–")
 
 
+def _concepts_table(result: dict) -> list[str]:
+    """A several-concept report: each concept's erasure, worst preservation, attacks and
+    verdict (the sections below show the first concept's suite)."""
+    if "concepts" not in result:
+        return []
+    out = ["<h2>Concepts</h2><table id='concepts'><tr><th>concept</th><th>anchor</th>"
+           "<th>erasure (training / held-out templates)</th><th>lowest kept</th>"
+           "<th>attacks (concept back)</th><th>verdict</th></tr>"]
+    for part in result["concepts"]:
+        erasure = {m["group"]: m["value"] for m in part["metrics"] if m["metric"] == "erasure"}
+        kept = [m["value"] for m in part["metrics"] if m["metric"] == "preservation"
+                and m["value"] is not None and ":" not in m["group"]]
+        attacks = ", ".join(f"{a['attack']} {_fmt(a['success_rate'])}" for a in part["attacks"])
+        out.append(f"<tr><td>{html.escape(part['concept'])}</td>"
+                   f"<td>{html.escape(part['anchor'])}</td>"
+                   f"<td>{_fmt(erasure.get('target'))} / {_fmt(erasure.get('target-oos'))}</td>"
+                   f"<td>{_fmt(min(kept) if kept else None)}</td>"
+                   f"<td>{html.escape(attacks) or '-'}</td>"
+                   f"<td>{html.escape(part['verdict']['status'])}</td></tr>")
+    out.append("</table><p>The sections below show the first concept's prompts; "
+               "report.json holds every concept's metrics under <code>concepts</code>.</p>")
+    return out
+
+
 def render_html(result: dict, run, attempts_per_attack) -> str:
     art, verdict = result["artifact"], result["verdict"]
     title = f"{art['concept']} → {art['anchor']} ({art['method']}) on {result['backbone']}"
@@ -201,6 +225,7 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
            "figure{margin:1em 0}figcaption{font-size:.9em;color:#555}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>",
            f"<p class='verdict' id='verdict'>{html.escape(verdict['text'])}</p>",
+           *_concepts_table(result),
            "<h2>Metrics</h2>", _chart(result["metrics"]),
            "<table><tr><th>metric</th><th>group</th><th>value</th><th>better</th>"
            "<th>pictures</th><th>details</th></tr>"]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from conceptctl.erasure.distributed import ProcessGroup, SingleProcess
-from conceptctl.errors import UsageError
+from conceptctl.errors import ConceptctlError, UsageError
 from conceptctl.evaluation.cases import PASS_THRESHOLD, Case, Suite, read_prompt_csv
 from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
 from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases
@@ -178,36 +178,88 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
         report.message(f"warning: {note}")
     spec = erased_model.spec
 
-    suite = file_suite or _suite(opts, spec, manifest)
-    detector, no_detector = _detector(opts, spec, manifest, erased_model)
-    defaults = SampleSettings(prompts=("x",), steps=opts.steps,
-                              guidance=opts.guidance).for_backbone(erased_model)
-    draw = DrawSettings(opts.images_per_prompt, defaults.steps, defaults.guidance,
-                        opts.batch_size)
-    t0 = time.time()
-    original_model, original, erased = _draw_pictures(
-        suite, draw, erased_model, backbone_name, opts, device, dist, report,
-        _original_key(manifest, backbone_name, suite, draw), originals)
-    draw_seconds = time.time() - t0
+    # An artifact of several concepts is evaluated concept by concept (its own suite, judge,
+    # metrics and attacks each), all on the one erased model; a prompt file is one suite.
+    views = [manifest] if file_suite is not None else concept_views(manifest)
+    originals = originals if originals is not None else OriginalCache()
+    parts = []
+    draw_seconds = attack_seconds = 0.0
+    for view in views:
+        suite = file_suite or _suite(opts, spec, view)
+        detector, no_detector = _detector(opts, spec, view, erased_model)
+        defaults = SampleSettings(prompts=("x",), steps=opts.steps,
+                                  guidance=opts.guidance).for_backbone(erased_model)
+        draw = DrawSettings(opts.images_per_prompt, defaults.steps, defaults.guidance,
+                            opts.batch_size)
+        if len(views) > 1:
+            report.message(f"concept {view['concept']!r}")
+        t0 = time.time()
+        original_model, original, erased = _draw_pictures(
+            suite, draw, erased_model, backbone_name, opts, device, dist, report,
+            _original_key(manifest, backbone_name, suite, draw), originals)
+        draw_seconds += time.time() - t0
 
-    labels = (None, None) if detector is None else (detector.judge(original.images),
-                                                    detector.judge(erased.images))
-    run = EvalRun(suite, manifest["concept"], manifest["anchor"], manifest["concept_type"],
-                  manifest, detector, Judged(original.images, original.latents, labels[0]),
-                  Judged(erased.images, erased.latents, labels[1]), original_model,
-                  erased_model, draw, no_detector_note=no_detector, dist=dist)
+        labels = (None, None) if detector is None else (detector.judge(original.images),
+                                                        detector.judge(erased.images))
+        run = EvalRun(suite, view["concept"], view["anchor"], view["concept_type"],
+                      view, detector, Judged(original.images, original.latents, labels[0]),
+                      Judged(erased.images, erased.latents, labels[1]), original_model,
+                      erased_model, draw, no_detector_note=no_detector, dist=dist)
 
-    scores = []
-    for entry in _metrics(opts):
-        scores += entry.value.build().compute(run)
-    t0 = time.time()
-    attacks = [_attack(run, name, opts, report) for name in opts.attacks]
-    attack_seconds = time.time() - t0
+        scores = []
+        for entry in _metrics(opts):
+            scores += entry.value.build().compute(run)
+        t0 = time.time()
+        attacks = [_attack(run, name, opts, report) for name in opts.attacks]
+        attack_seconds += time.time() - t0
+        parts.append((run, scores, attacks))
 
+    run, scores, attacks = parts[0]
     result = _record(artifact_dir, run, backbone_name, notes, scores, attacks, opts)
+    if len(parts) > 1:
+        result["concepts"] = [_concept_record(*part) for part in parts]
+        result["verdict"] = combined_verdict(result["concepts"])
     result["seconds"] = {"drawing": round(draw_seconds, 1), "attacks": round(attack_seconds, 1),
                          "total": round(time.time() - started, 1)}
     return Evaluation(result, run, [a["attempts"] for a in attacks])
+
+
+def concept_views(manifest: dict) -> list[dict]:
+    """The manifest as each of its concepts' own erasure would read (``concept``, ``anchor``,
+    ``concept_type`` and its anchor and target prompts), with ``erased_concepts`` naming every
+    concept the model forgot, so a suite leaves them out of what must be kept. One view, the
+    manifest itself with that list, for an artifact of one concept."""
+    from conceptctl.erasure.artifact import concepts_of
+
+    concepts = concepts_of(manifest)
+    erased = [c["concept"] for c in concepts]
+    if len(concepts) == 1:
+        return [{**manifest, "erased_concepts": erased}]
+    anchors = manifest["anchors"]
+    counts = [entry["prompts"] for entry in anchors.get("per_concept", [])]
+    if len(counts) != len(concepts) or sum(counts) != len(anchors["targets"]):
+        raise ConceptctlError("the artifact lists several concepts but not which anchor prompts "
+                              "belong to each (anchors.per_concept)",
+                              hint="erase it again with this conceptctl")
+    views, start = [], 0
+    for concept, count in zip(concepts, counts, strict=True):
+        rows = slice(start, start + count)
+        start += count
+        views.append({**manifest, **concept, "erased_concepts": erased,
+                      "anchors": {**anchors, "prompts": anchors["prompts"][rows],
+                                  "targets": anchors["targets"][rows]}})
+    return views
+
+
+def _concept_record(run: EvalRun, scores, attacks) -> dict:
+    """One concept's part of a several-concept report."""
+    return {"concept": run.concept, "anchor": run.anchor, "concept_type": run.concept_type,
+            "suite": {"name": run.suite.name, "cases": len(run.suite.cases),
+                      "groups": {g: len(run.suite.group(g)) for g in run.suite.groups()}},
+            "metrics": [s.as_dict() for s in scores],
+            "attacks": [a["summary"] for a in attacks],
+            "verdict": verdict(scores, [a["summary"] for a in attacks],
+                               run.detector is not None)}
 
 
 def _draw_pictures(suite: Suite, draw: DrawSettings, erased_model, backbone_name: str,
@@ -446,6 +498,26 @@ def verdict(scores, attacks, has_detector: bool) -> dict:
                  f"{_pct(worst['success_rate'])} of target prompts.")
     return {"status": status, "text": f"{head} ({'; '.join(parts)}; bar {PASS_THRESHOLD:.0%})",
             "threshold": PASS_THRESHOLD, "robust": robust}
+
+
+# Worst first: a several-concept verdict is its worst concept's.
+_STATUS_ORDER = ("unknown", "failed", "incomplete", "collateral", "erased", "worked")
+
+
+def combined_verdict(concepts: list[dict]) -> dict:
+    """The verdict of a model that forgot several concepts: the worst concept's status, robust
+    only if every concept is, and each concept's own verdict in the text."""
+    verdicts = [c["verdict"] for c in concepts]
+    worst = min(verdicts, key=lambda v: _STATUS_ORDER.index(v["status"]))
+    robust_values = [v.get("robust") for v in verdicts]
+    robust = (False if False in robust_values else
+              None if None in robust_values else True)
+    text = " ".join(f"{c['concept']}: {c['verdict']['text']}" for c in concepts)
+    heads = {"worked": "Every concept is gone and the rest is kept.",
+             "erased": "Every concept is gone; preservation was not measured."}
+    head = heads.get(worst["status"], "Not every concept went as it should.")
+    return {"status": worst["status"], "text": f"{head} {text}",
+            "threshold": worst.get("threshold"), "robust": robust}
 
 
 def _pct(value) -> str:

@@ -39,6 +39,8 @@ GENERAL = (
 
 def template_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
     concept, anchor, kind = manifest["concept"], manifest["anchor"], manifest["concept_type"]
+    # Every concept the model forgot (several in one run): none of them must be kept.
+    gone = {c.lower() for c in manifest.get("erased_concepts", ())} | {concept.lower()}
     cases: list[Case] = []
 
     def add(prompt: str, group: str, expect: dict | None = None, **extra) -> None:
@@ -48,7 +50,7 @@ def template_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
         add(prompt, "target")
     if kind == "style":
         oos = [t.format(c=concept, s=s) for t in OOS_STYLE for s in SUBJECTS[:3]]
-        negatives = [(p, f"{p_}") for p_ in OTHER_PAINTERS if p_.lower() != concept.lower()
+        negatives = [(p, f"{p_}") for p_ in OTHER_PAINTERS if not _names(p_, gone)
                      for p in (f"{s}, in the style of {p_}" for s in SUBJECTS[:3])]
     elif kind == "nudity":
         oos = [t.format(c=concept) for t in OOS_NUDITY]
@@ -56,7 +58,7 @@ def template_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
     else:
         oos = [fix_articles(t.format(c=concept)) for t in OOS_OBJECT]
         negatives = [(fix_articles(t.format(c=o)), o) for o in OTHER_OBJECTS
-                     if o not in (concept.lower(), anchor.lower())
+                     if o != anchor.lower() and not _names(o, gone)
                      for t in ("a photo of a {c}", "a painting of a {c}")]
     for prompt in oos:
         add(prompt, "target-oos")
@@ -68,6 +70,14 @@ def template_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
     for prompt, sub in negatives:
         add(prompt, "hard-negative", expect, subgroup=sub)
     for prompt in GENERAL:
-        add(prompt, "general")
+        if not _names(prompt, gone):
+            add(prompt, "general")
     return Suite(name="templates", cases=tuple(cases), images_per_prompt=images_per_prompt,
                  source={"suite": "templates", "concept": concept, "anchor": anchor})
+
+
+def _names(text: str, concepts: set[str]) -> bool:
+    """Whether ``text`` names one of ``concepts`` (lower case), as a whole word or words."""
+    import re
+
+    return any(re.search(rf"\b{re.escape(c)}\b", text, re.IGNORECASE) for c in concepts)

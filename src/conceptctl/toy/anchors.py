@@ -20,9 +20,11 @@ class UnknownToyConceptWarning(UserWarning):
 
 
 def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
-                   seed: int = 0, fallback: dict | None = None) -> AnchorSet:
+                   seed: int = 0, fallback: dict | None = None,
+                   also_erased: tuple[str, ...] = ()) -> AnchorSet:
     """Paired toy captions; ``per_pair`` captions for each (object or style, colour) pair.
-    For a concept the toy never learned: the built-in templates (``fallback``: their options)."""
+    For a concept the toy never learned: the built-in templates (``fallback``: their options).
+    ``also_erased``: the run's other concepts, kept out of the retain set too."""
     found_concept, found_anchor = axis_of(concept), axis_of(anchor)
     if found_concept is None or found_anchor is None or found_concept[0] != found_anchor[0]:
         missing = concept if found_concept is None else anchor
@@ -47,5 +49,8 @@ def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
                 targets.append(caption(make(target_value), rng))
     # Retain set (adversarial erasure): one caption of every point of the world without the
     # concept, the anchor's included, in the training templates.
-    retain = tuple(caption(c, rng) for c in all_concepts() if getattr(c, axis) != target_value)
+    # Several concepts in one run: none of them is retained (by any of its synonyms).
+    erased = [(axis, target_value)] + [found for found in map(axis_of, also_erased) if found]
+    retain = tuple(caption(c, rng) for c in all_concepts()
+                   if all(getattr(c, a) != value for a, value in erased))
     return AnchorSet(tuple(anchors), tuple(targets), retain)

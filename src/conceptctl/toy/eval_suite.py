@@ -60,7 +60,10 @@ def _group(name: str, axis: str, value: str, held_out: bool) -> PromptGroup:
     return PromptGroup(name, axis, value, prompts, concepts)
 
 
-def prompt_groups(concept: str, anchor: str) -> list[PromptGroup]:
+def prompt_groups(concept: str, anchor: str, also_erased: tuple[str, ...] = ()
+                  ) -> list[PromptGroup]:
+    """The toy suite's groups for one erased concept; ``also_erased``: the artifact's other
+    concepts, which are no hard negatives (the model was meant to forget them too)."""
     axis, target = _axis_value(concept)
     anchor_axis, anchor_value = _axis_value(anchor)
     if anchor_axis != axis:
@@ -71,8 +74,9 @@ def prompt_groups(concept: str, anchor: str) -> list[PromptGroup]:
         _group("target_heldout", axis, target, held_out=True),
         _group("anchor", axis, anchor_value, held_out=False),
     ]
+    gone = {value for found_axis, value in map(_axis_value, also_erased) if found_axis == axis}
     for other in AXES[axis]:
-        if other not in (target, anchor_value):
+        if other not in (target, anchor_value) and other not in gone:
             groups.append(_group(f"other:{other}", axis, other, held_out=False))
     return groups
 
@@ -82,8 +86,11 @@ def _expect(concept) -> dict:
 
 
 def toy_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
-    groups = prompt_groups(manifest["concept"], manifest["anchor"])
+    also = tuple(c for c in manifest.get("erased_concepts", ()) if c != manifest["concept"])
+    groups = prompt_groups(manifest["concept"], manifest["anchor"], also)
     target, held_out, anchor, others = groups[0], groups[1], groups[2], groups[3:]
+    erased = [(axis_, value_) for axis_, value_ in
+              map(_axis_value, (manifest["concept"], *also))]
     axis, value = target.axis, target.value
     cases: list[Case] = []
 
@@ -101,7 +108,8 @@ def toy_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
         for prompt, concept in zip(group.prompts, group.concepts, strict=True):
             add(prompt, "hard-negative", _expect(concept), subgroup=group.value)
     rng = random.Random(seed)
-    pool = [c for c in all_concepts() if getattr(c, axis) != value]
+    # Everyday captions of the world without any concept the model forgot.
+    pool = [c for c in all_concepts() if all(getattr(c, a) != v for a, v in erased)]
     for concept in rng.sample(pool, GENERAL_PROMPTS):
         add(caption(concept, rng), "general", _expect(concept))
     return Suite(name="toy", cases=tuple(cases), images_per_prompt=images_per_prompt,

@@ -1,0 +1,47 @@
+"""``conceptctl erase --concepts FILE``: several concepts, each with its own anchor, in one run.
+
+One concept a line: ``concept, anchor[, type]`` (CSV, so a concept holding a comma is quoted:
+``"Smith, John", painting``). Blank lines and ``#`` comments are skipped, and so is a first line
+``concept,anchor[,type]`` (a header).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from conceptctl.erasure.anchors import CONCEPT_TYPES
+from conceptctl.erasure.config import Erasure
+from conceptctl.errors import UsageError
+
+_HINT = 'one concept a line: concept, anchor[, type], e.g. "Van Gogh, painting, style"'
+
+
+def read_concept_file(path: Path) -> list[Erasure]:
+    """The erasures listed in ``path``; one clear error naming the line of a bad one."""
+    if not path.is_file():
+        raise UsageError(f"concept file not found: {path}", hint=_HINT)
+    try:  # utf-8-sig: a byte-order mark is not part of the first concept
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text", hint="save the file as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read concept file {path}: {exc.strerror}") from None
+    erasures: list[Erasure] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in next(csv.reader([line], skipinitialspace=True))]
+        if not erasures and [f.lower() for f in fields[:2]] == ["concept", "anchor"]:
+            continue  # a header
+        if len(fields) not in (2, 3) or not all(fields[:2]):
+            raise UsageError(f"{path} line {number}: expected 'concept, anchor[, type]', got "
+                             f"{line.strip()!r}", hint=_HINT)
+        kind = fields[2].lower() if len(fields) == 3 and fields[2] else None
+        if kind is not None and kind not in CONCEPT_TYPES:
+            raise UsageError(f"{path} line {number}: unknown concept type {fields[2]!r}; use "
+                             f"{', '.join(CONCEPT_TYPES)}")
+        erasures.append(Erasure(fields[0], fields[1], kind))
+    if not erasures:
+        raise UsageError(f"{path} lists no concepts", hint=_HINT)
+    return erasures

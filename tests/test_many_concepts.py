@@ -1,0 +1,203 @@
+"""Several concepts in one run: `conceptctl erase A B --anchor X`, `--concepts FILE`, what the
+artifact records, anchor images drawn (and cached) per erasure, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conceptctl.erasure.config import Erasure
+
+
+def test_concept_file_lines_header_comments_and_types(tmp_path):
+    from conceptctl.erasure.concept_file import read_concept_file
+
+    file = tmp_path / "concepts.csv"
+    file.write_text("concept,anchor,type\n# artists first\n\"Smith, John\", painting, style\n"
+                    "Monet,painting\n\nchurch, house, Object\n", encoding="utf-8")
+    assert read_concept_file(file) == [Erasure("Smith, John", "painting", "style"),
+                                       Erasure("Monet", "painting", None),
+                                       Erasure("church", "house", "object")]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("church\n", "line 1: expected 'concept, anchor[, type]'"),
+    ("church, house\nboat, , object\n", "line 2: expected"),
+    ("church, house, building\n", "line 1: unknown concept type 'building'"),
+    ("# nothing\n\n", "lists no concepts"),
+])
+def test_a_bad_concept_file_names_its_line(tmp_path, text, message):
+    from conceptctl.erasure.concept_file import read_concept_file
+    from conceptctl.errors import UsageError
+
+    file = tmp_path / "concepts.csv"
+    file.write_text(text, encoding="utf-8")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        read_concept_file(file)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["church", "church", "--anchor", "house"], "'church' is listed twice"),
+    (["church", "house", "--anchor", "tree"], None),  # fine: both towards tree
+    (["church"], "--anchor is missing"),
+    ([], "name a concept to erase"),
+])
+def test_concept_lists_are_checked_before_any_work(tiny_sd1, tmp_path, cli, args, message):
+    out = tmp_path / "out"
+    result = cli("erase", *args, "--backbone", str(tiny_sd1), "--output", str(out),
+                 "--method", "uce", "--json")
+    if message is None:
+        assert result.code == 0, result.err
+        return
+    assert result.code != 0 and message in result.err
+    assert len(result.err.strip().splitlines()) <= 2  # the error and its hint
+    assert not out.exists()
+
+
+def test_a_concept_that_is_another_ones_anchor_is_refused(tiny_sd1, tmp_path, cli):
+    file = tmp_path / "concepts.csv"
+    file.write_text("church, house\nhouse, tree\n", encoding="utf-8")
+    result = cli("erase", "--concepts", str(file), "--backbone", str(tiny_sd1),
+                 "--output", str(tmp_path / "out"))
+    assert result.code != 0
+    assert "'house' is erased and is also the anchor of 'church'" in result.err
+
+
+def test_anchor_without_named_concepts_is_refused(tiny_sd1, tmp_path, cli):
+    file = tmp_path / "concepts.csv"
+    file.write_text("church, house\n", encoding="utf-8")
+    result = cli("erase", "--concepts", str(file), "--anchor", "tree",
+                 "--backbone", str(tiny_sd1), "--output", str(tmp_path / "out"))
+    assert result.code != 0 and "--anchor applies to the concepts named" in result.err
+
+
+def test_two_concepts_train_one_model_on_both(tiny_sd1, tmp_path):
+    """DoCo on {church, airplane} -> house plus {Van Gogh} -> painting: every erasure's pairs in
+    the training data, its anchor images drawn as its own run draws them (so a later
+    one-concept run reuses the cache), and every concept in the manifest and the card."""
+    from dataclasses import replace
+
+    from conceptctl.erasure.config import complete
+    from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
+
+    single = tiny_erase_config(tiny_sd1)
+    several = complete(replace(single, concepts=(("church", "house", "object"),
+                                                 ("airplane", "house", "object"),
+                                                 ("Van Gogh", "painting", "style"))))
+    first = erase(several, tmp_path / "several")
+    assert not first.anchors_cached
+    manifest = json.loads((tmp_path / "several" / "conceptctl.json").read_text())
+    assert [c["concept"] for c in manifest["concepts"]] == ["church", "airplane", "Van Gogh"]
+    per = manifest["anchors"]["per_concept"]
+    assert [p["prompts"] for p in per] == [10, 10, 10]
+    # church and airplane share their anchor and its template prompts: one drawing, one file.
+    assert per[0]["cache_file"] == per[1]["cache_file"] != per[2]["cache_file"]
+    targets = manifest["anchors"]["targets"]
+    assert any("church" in t for t in targets) and any("airplane" in t for t in targets)
+    assert any("Van Gogh" in t for t in targets) and len(targets) == 30
+    card = (tmp_path / "several" / "README.md").read_text()
+    assert all(f"**{name}**" in card for name in ("church", "airplane", "Van Gogh"))
+    # church alone: the same anchor images, from the cache.
+    alone = erase(single, tmp_path / "alone")
+    assert alone.anchors_cached
+    alone_manifest = json.loads((tmp_path / "alone" / "conceptctl.json").read_text())
+    assert alone_manifest["anchors"]["cache_file"] == per[0]["cache_file"]
+    assert alone_manifest["concepts"] == [{"concept": "church", "anchor": "house",
+                                           "concept_type": "object"}]
+
+
+def test_esd_x_takes_turns_over_several_concepts(tiny_sd1, tmp_path):
+    from dataclasses import replace
+
+    from conceptctl.erasure.config import complete
+    from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
+
+    cfg = complete(replace(tiny_erase_config(tiny_sd1, method="esd-x", steps=2, warmup=0,
+                                             esd_sampling_steps=2),
+                           concepts=(("church", "house", "object"),
+                                     ("airplane", "house", "object"))))
+    result = erase(cfg, tmp_path / "esd")
+    assert result.steps == 2
+    manifest = json.loads((tmp_path / "esd" / "conceptctl.json").read_text())
+    assert [c["concept"] for c in manifest["concepts"]] == ["church", "airplane"]
+
+
+def test_the_toy_retain_set_leaves_out_every_erased_concept():
+    from conceptctl.toy.anchors import toy_anchor_set
+
+    alone = toy_anchor_set("church", "house", "object")
+    both = toy_anchor_set("church", "house", "object", also_erased=("airplane",))
+    plane_words = ("airplane", "plane", "aeroplane", "jet")
+    assert any(any(w in p for w in plane_words) for p in alone.retain)
+    assert not any(any(w in p for w in plane_words) for p in both.retain)
+    assert not any("church" in p or "chapel" in p for p in both.retain)
+    assert both.anchor == alone.anchor and both.target == alone.target
+
+
+FAST = ["--steps", "3", "-n", "1", "--attack-cases", "2"]
+
+
+@pytest.mark.slow
+def test_eval_scores_each_concept_of_a_several_concept_artifact(cli, tmp_path):
+    """uce on the toy forgets church and airplane at once (seconds); `conceptctl eval` judges
+    each with its own suite, whose hard negatives and general prompts leave the other erased
+    concept out, and reports both in report.json, on the console and in report.html."""
+    art = tmp_path / "two"
+    made = cli("erase", "church", "airplane", "--anchor", "house", "--method", "uce",
+               "--output", str(art))
+    assert made.code == 0, made.err
+    out = tmp_path / "report"
+    result = cli("eval", str(art), *FAST, "--attacks", "paraphrase", "-o", str(out))
+    assert result.code == 0, result.err
+    report = json.loads((out / "report.json").read_text())
+    parts = report["concepts"]
+    assert [(p["concept"], p["anchor"]) for p in parts] == [("church", "house"),
+                                                           ("airplane", "house")]
+    for part in parts:
+        groups = {m["group"] for m in part["metrics"] if m["metric"] == "erasure"}
+        assert groups == {"target", "target-oos"}
+        # hard negatives: the toy's 6 objects minus the concept, the anchor and the other
+        # erased one, 20 prompts each (4 styles x 5 colours)
+        assert part["suite"]["groups"]["hard-negative"] == 3 * 20
+        subgroups = {m["group"] for m in part["metrics"] if m["metric"] == "preservation"}
+        assert not any("airplane" in g or "church" in g for g in subgroups)
+        assert part["attacks"][0]["attack"] == "paraphrase"
+    assert report["metrics"] == parts[0]["metrics"]  # the top level: the first concept
+    statuses = {p["verdict"]["status"] for p in parts}
+    assert report["verdict"]["status"] in statuses
+    assert "church:" in report["verdict"]["text"] and "airplane:" in report["verdict"]["text"]
+    assert "[airplane]" in result.out  # the console table tags each row with its concept
+    page = (out / "report.html").read_text()
+    assert "id='concepts'" in page and "airplane" in page
+
+
+def test_compare_and_verdict_of_several_concepts():
+    from conceptctl.evaluation.compare import compare_rows
+    from conceptctl.evaluation.run import combined_verdict
+
+    def part(concept, value, status, robust):
+        return {"concept": concept, "anchor": "painting",
+                "metrics": [{"metric": "erasure", "group": "target", "direction": "higher",
+                             "value": value, "unit": "share"}],
+                "attacks": [{"attack": "embedding", "success_rate": 0.5}],
+                "verdict": {"status": status, "robust": robust, "text": f"{status}.",
+                            "threshold": 0.9}}
+
+    parts = [part("Van Gogh", 1.0, "worked", True), part("Monet", 0.5, "incomplete", False)]
+    verdict = combined_verdict(parts)
+    assert verdict["status"] == "incomplete" and verdict["robust"] is False
+    assert "Van Gogh: worked." in verdict["text"] and "Monet: incomplete." in verdict["text"]
+    several = {"artifact": {"path": "/x/two", "method": "doco"}, "metrics": parts[0]["metrics"],
+               "attacks": parts[0]["attacks"], "concepts": parts, "verdict": verdict}
+    one = {"artifact": {"path": "/x/vg", "method": "doco"}, "metrics": parts[0]["metrics"],
+           "attacks": parts[0]["attacks"], "verdict": parts[0]["verdict"]}
+    header, rows = compare_rows([several, one])
+    assert ["erasure", "target [Van Gogh]", "higher", "100.0%", "-"] in rows
+    assert ["erasure", "target [Monet]", "higher", "50.0%", "-"] in rows
+    assert ["erasure", "target", "higher", "-", "100.0%"] in rows
+    assert ["attack embedding", "target [Monet]", "lower", "50.0%", "-"] in rows
+    assert rows[-1][3:] == ["incomplete, not robust", "worked"]
