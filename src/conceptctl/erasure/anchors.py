@@ -154,16 +154,21 @@ def template_anchor_set(concept: str, anchor: str, kind: ConceptType,
                                            for a in anchors))
 
 
-def read_prompt_lines(path: Path, what: str) -> tuple[str, ...]:
-    """The prompts of a file, one per line (``#`` comments and blank lines skipped)."""
+def read_user_text(path: Path, what: str, hint: str | None = None) -> str:
+    """A user's text file, or one clear error (missing, not UTF-8, unreadable)."""
     if not path.is_file():
-        raise UsageError(f"{what} file not found: {path}")
-    try:  # utf-8-sig: a byte-order mark is not part of the first prompt
-        text = path.read_text(encoding="utf-8-sig")
+        raise UsageError(f"{what} file not found: {path}", hint=hint)
+    try:  # utf-8-sig: a byte-order mark is not part of the first line
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not UTF-8 text", hint="save the file as UTF-8") from None
     except OSError as exc:
         raise UsageError(f"cannot read {what} file {path}: {exc.strerror}") from None
+
+
+def read_prompt_lines(path: Path, what: str) -> tuple[str, ...]:
+    """The prompts of a file, one per line (``#`` comments and blank lines skipped)."""
+    text = read_user_text(path, what)
     lines = [line.strip() for line in text.splitlines()]
     prompts = tuple(line for line in lines if line and not line.startswith("#"))
     if not prompts:

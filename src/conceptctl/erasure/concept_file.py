@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from conceptctl.erasure.anchors import CONCEPT_TYPES
+from conceptctl.erasure.anchors import CONCEPT_TYPES, read_user_text
 from conceptctl.erasure.config import Erasure
 from conceptctl.errors import UsageError
 
@@ -19,14 +19,7 @@ _HINT = 'one concept a line: concept, anchor[, type], e.g. "Van Gogh, painting, 
 
 def read_concept_file(path: Path) -> list[Erasure]:
     """The erasures listed in ``path``; one clear error naming the line of a bad one."""
-    if not path.is_file():
-        raise UsageError(f"concept file not found: {path}", hint=_HINT)
-    try:  # utf-8-sig: a byte-order mark is not part of the first concept
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text", hint="save the file as UTF-8") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read concept file {path}: {exc.strerror}") from None
+    text = read_user_text(path, "concept", hint=_HINT)
     erasures: list[Erasure] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
