@@ -184,6 +184,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
     originals = originals if originals is not None else OriginalCache()
     parts = []
     draw_seconds = attack_seconds = 0.0
+    original_model = None  # loaded once, for every concept's pictures
     for view in views:
         suite = file_suite or _suite(opts, spec, view)
         detector, no_detector = _detector(opts, spec, view, erased_model)
@@ -196,7 +197,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
         t0 = time.time()
         original_model, original, erased = _draw_pictures(
             suite, draw, erased_model, backbone_name, opts, device, dist, report,
-            _original_key(manifest, backbone_name, suite, draw), originals)
+            _original_key(manifest, backbone_name, suite, draw), originals, original_model)
         draw_seconds += time.time() - t0
 
         labels = (None, None) if detector is None else (detector.judge(original.images),
@@ -263,9 +264,11 @@ def _concept_record(run: EvalRun, scores, attacks) -> dict:
 
 
 def _draw_pictures(suite: Suite, draw: DrawSettings, erased_model, backbone_name: str,
-                   opts: EvalOptions, device, dist, report, key, originals):
+                   opts: EvalOptions, device, dist, report, key, originals,
+                   original_model=None):
     """The original model's pictures (drawn, or reused from ``originals``) and the erased
-    model's, from the same seeds; (original model, original pictures, erased pictures)."""
+    model's, from the same seeds; (original model, original pictures, erased pictures).
+    ``original_model``: the original, already loaded (None: loaded here when needed)."""
     from conceptctl.backbones.loading import open_backbone
 
     # This process's share of the pictures (all of them in a one-process run).
@@ -282,7 +285,8 @@ def _draw_pictures(suite: Suite, draw: DrawSettings, erased_model, backbone_name
 
     cached = originals.get(key) if originals is not None else None
     if cached is None:
-        original_model = open_backbone(backbone_name, device=device, dtype=opts.dtype)
+        if original_model is None:
+            original_model = open_backbone(backbone_name, device=device, dtype=opts.dtype)
         original = draw_cases(original_model, suite.cases, draw, progress("original model"),
                               dist=dist)
         if originals is not None:
