@@ -478,3 +478,31 @@ def test_forced_export_model_card_names_the_artifacts_base():
                        "artifact_base": {"name": "sd", "tensors_digest": "sha256:old"}}}
     card = export_card(info, "load it")
     assert "**Forced export**" in card and "(sha256:old)" in card
+
+
+def test_a_several_concept_artifact_exports_as_delta_lora_and_diffusers(tiny_sd1, tmp_path,
+                                                                        cli):
+    """uce on church and airplane at once: the delta samples like the artifact and lists both
+    concepts in its header, the kohya LoRA reproduces the erased UNet in diffusers, and the
+    diffusers folder's card names both."""
+    art = tmp_path / "two"
+    made = cli("erase", "church", "airplane", "--anchor", "house", "--method", "uce",
+               "-b", tiny_sd1, "-o", art)
+    assert made.code == 0, made.err
+    delta = tmp_path / "two.delta.safetensors"
+    assert cli("export", art, "--format", "delta", "-o", delta).code == 0
+    assert [c["concept"] for c in _header(delta)["concepts"]] == ["church", "airplane"]
+    np.testing.assert_array_equal(_sampled(cli, tmp_path / "a", "--model", delta),
+                                  _sampled(cli, tmp_path / "b", "--model", art))
+    lora = tmp_path / "two.lora.safetensors"
+    result = cli("export", art, "-f", "lora", "--rank", "1000", "--lora-format", "kohya",
+                 "-o", lora)
+    assert result.code == 0, result.err
+    assert [c["concept"] for c in _header(lora)["concepts"]] == ["church", "airplane"]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, **NO_CHECKER)
+    pipe.load_lora_weights(str(lora))
+    np.testing.assert_allclose(_draw(pipe), _draw(_erased(tiny_sd1, art)), atol=1e-5)
+    folder = tmp_path / "folder"
+    assert cli("export", art, "-f", "diffusers", "-o", folder).code == 0
+    card = (folder / "README.md").read_text()
+    assert "**church**" in card and "**airplane**" in card
