@@ -416,7 +416,7 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     if closed_form:
         with torch.no_grad():
             edit_figures = training.method.edit(groups, retain)
-        _check_finite(training.params)
+        # write_artifact refuses non-finite values, as after training.
     else:
         _train(out_dir, cfg, backbone, data, training, record, dist, report)
     train_seconds = time.time() - t0
@@ -507,7 +507,7 @@ def _anchor_data(cfg: EraseConfig, backbone, anchors, samplings, cache_dir, dige
     latents = torch.cat([part[0] for part in parts])
     cached = all(part[1] for part in parts)
     cache_files = [part[2] for part in parts]
-    for latent_part, was_cached, cache_file in _unique(parts):
+    for latent_part, was_cached, cache_file in drawn.values():  # each drawing once
         report.message(("reused" if was_cached else "generated") +
                        f" {len(latent_part)} anchor images ({cache_file.name})")
     data = TrainingData(
@@ -525,25 +525,6 @@ def _anchor_data(cfg: EraseConfig, backbone, anchors, samplings, cache_dir, dige
             backbone.encode_prompts([prefix + p for p in anchors.target]).cpu()
             for prefix in PREFIXES]))
     return data, cached, cache_files
-
-
-def _unique(parts):
-    """Each (latents, cached, file) once, in order (erasures sharing a sampling share one)."""
-    seen: set[int] = set()
-    for part in parts:
-        if id(part) not in seen:
-            seen.add(id(part))
-            yield part
-
-
-def _check_finite(params: dict[str, torch.nn.Parameter]) -> None:
-    """A closed-form edit's result must be finite, as every training step's is."""
-    from conceptctl.erasure.finite import NonFiniteWeightsError, first_non_finite
-
-    bad = first_non_finite(params)
-    if bad is not None:
-        raise NonFiniteWeightsError(f"after the edit, {bad}; nothing was written",
-                                    hint="lower the method's scales or check the prompts")
 
 
 def _resume(training: Training, resume_from, resume, dist, report) -> None:

@@ -20,8 +20,8 @@ For every projection W of ``attn2.to_k`` / ``attn2.to_v`` (paper eq. 7; the auth
 Since v*_i = W c*_i and W c_j are linear in W, the numerator is W·A with
 A = λ I + s_e Σ_i c*_i c_iᵀ + s_p Σ_j c_j c_jᵀ, and every projection reads the same text states:
 W' = W · A · B⁻¹ with one d×d matrix A B⁻¹ for all layers (d: the text width), solved once in
-float64. Bit-for-bit this is the authors' per-layer solve up to float rounding
-(tests/test_uce.py transcribes their loop and compares).
+float64. It equals the authors' per-layer solve up to float rounding (tests/test_uce.py
+transcribes their loop and compares).
 
 Retain prompts: the anchor selector's retain set (on the toy: a caption of every point of the
 world without the erased concepts), else ``--retain-prompts``, else photos of the 80 COCO

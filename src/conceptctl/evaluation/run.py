@@ -181,7 +181,6 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
     # An artifact of several concepts is evaluated concept by concept (its own suite, judge,
     # metrics and attacks each), all on the one erased model; a prompt file is one suite.
     views = [manifest] if file_suite is not None else concept_views(manifest)
-    originals = originals if originals is not None else OriginalCache()
     parts = []
     draw_seconds = attack_seconds = 0.0
     original_model = None  # loaded once, for every concept's pictures

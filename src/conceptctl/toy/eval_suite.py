@@ -89,8 +89,7 @@ def toy_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
     also = tuple(c for c in manifest.get("erased_concepts", ()) if c != manifest["concept"])
     groups = prompt_groups(manifest["concept"], manifest["anchor"], also)
     target, held_out, anchor, others = groups[0], groups[1], groups[2], groups[3:]
-    erased = [(axis_, value_) for axis_, value_ in
-              map(_axis_value, (manifest["concept"], *also))]
+    erased = list(map(_axis_value, (manifest["concept"], *also)))
     axis, value = target.axis, target.value
     cases: list[Case] = []
 
