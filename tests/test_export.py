@@ -506,3 +506,42 @@ def test_a_several_concept_artifact_exports_as_delta_lora_and_diffusers(tiny_sd1
     assert cli("export", art, "-f", "diffusers", "-o", folder).code == 0
     card = (folder / "README.md").read_text()
     assert "**church**" in card and "**airplane**" in card
+
+
+def test_a_stacked_artifact_exports_flattened(tiny_sd1, tmp_path, cli):
+    """The delta of a stacked artifact applies to the original base alone and samples what the
+    chain samples; a kohya LoRA loaded by diffusers draws the chain's pictures; the diffusers
+    folder's card and record name every concept and hold no chain paths."""
+    from conceptctl.erasure.artifact import base_digest
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    for concept, anchor, where in (("church", "house", ["-b", tiny_sd1]),
+                                   ("airplane", "tree", ["--base", a])):
+        made = cli("erase", concept, "--anchor", anchor, "--method", "uce", *where,
+                   "-o", b if concept == "airplane" else a)
+        assert made.code == 0, made.err
+    delta = tmp_path / "b.delta.safetensors"
+    assert cli("export", b, "--format", "delta", "-o", delta).code == 0
+    header = _header(delta)
+    assert [c["concept"] for c in header["concepts"]] == ["church", "airplane"]
+    assert "chain" not in header and len(header["export"]["chain"]) == 2
+    flat = read_artifact(delta)
+    assert not flat.chain
+    model = open_backbone(str(tiny_sd1), device="cpu", dtype="float32")
+    assert base_digest(model, flat.weights) == flat.base["tensors_digest"]  # the original's
+    np.testing.assert_array_equal(_sampled(cli, tmp_path / "d", "--model", delta),
+                                  _sampled(cli, tmp_path / "b", "--model", b))
+    lora = tmp_path / "b.lora.safetensors"
+    result = cli("export", b, "-f", "lora", "--rank", "1000", "--lora-format", "kohya",
+                 "-o", lora)
+    assert result.code == 0, result.err
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, **NO_CHECKER)
+    pipe.load_lora_weights(str(lora))
+    np.testing.assert_allclose(_draw(pipe), _draw(_erased(tiny_sd1, b)), atol=1e-5)
+    folder = tmp_path / "folder"
+    assert cli("export", b, "-f", "diffusers", "-o", folder).code == 0
+    card = (folder / "README.md").read_text()
+    assert "**church**" in card and "**airplane**" in card
+    record = json.loads((folder / "conceptctl.json").read_text())
+    assert "chain" not in record
+    assert [c["concept"] for c in record["concepts"]] == ["church", "airplane"]

@@ -375,7 +375,10 @@ def sample_model(
         for note in apply_artifact(model, record, force=force):
             if message is not None:
                 message(note)
+        from conceptctl.erasure.artifact import all_concepts
+
         about = {"artifact": str(artifact), "concept": record.manifest["concept"],
+                 "concepts": [c["concept"] for c in all_concepts(record.manifest)],
                  "anchor": record.manifest["anchor"], "method": record.manifest["method"],
                  "forced": force}
     images = draw()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,10 @@ def erase(
     concepts_file: Annotated[Path | None, typer.Option(
         "--concepts", help="File of concepts to erase in the same run, one a line: concept, "
         "anchor[, type] (each its own anchor).", dir_okay=False, show_default=False)] = None,
+    base: Annotated[Path | None, typer.Option(
+        "--base", help="Erase on top of this earlier artifact folder (stacking; repeatable "
+        "run after run): its chain is applied first and recorded in the new artifact.",
+        show_default=False)] = None,
     concept_type: Annotated[
         str | None,
         typer.Option("--type", help="style, object or nudity (default: guessed from concept and "
@@ -143,7 +148,8 @@ def erase(
                adversarial_tokens=adversarial_tokens, adversarial_lr=adversarial_lr,
                adversarial_retain=adversarial_retain, uce_lambda=uce_lambda,
                uce_erase_scale=uce_erase_scale, uce_preserve_scale=uce_preserve_scale,
-               retain_prompts=str(retain_prompts) if retain_prompts else None)
+               retain_prompts=str(retain_prompts) if retain_prompts else None,
+               base_artifact=os.path.abspath(base) if base is not None else None)
     if resume is not None and output is None:
         raise UsageError("--resume needs --output: the folder of the run to continue")
     names = [e.concept for e in cfg.erasures()]

@@ -10,6 +10,12 @@
     README.md             a model card
     checkpoint-{step}/    resumable training state (rotated)
 
+A *stacked* artifact (``conceptctl erase --base EARLIER``) holds only its own link's values; its
+``chain`` lists the artifacts below it, base first, each with its path (relative to this folder),
+the digest of its weights and the digest of the base tensors it replaced. Reading it reads every
+link; applying it applies them in order, each checked against the model the one before left. A
+link that is missing or changed is a broken chain, refused in one line.
+
 Applying an artifact to a base whose replaced tensors hash differently fails, naming both hashes,
 unless forced: a delta applied to the wrong model must fail loudly.
 
@@ -22,9 +28,10 @@ it copies values.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from conceptctl.erasure.finite import NonFiniteWeightsError, first_non_finite
-from conceptctl.errors import ConceptctlError
+from conceptctl.errors import ConceptctlError, UsageError
 from conceptctl.fileio import staged_file
 from conceptctl.fingerprint import tensor_digest
 from conceptctl.registry import get_registry
@@ -48,15 +55,34 @@ class BaseMismatchError(ConceptctlError):
     """The artifact was made from different base weights than the ones it is applied to."""
 
 
+class BrokenChainError(ConceptctlError):
+    """A stacked artifact's chain names an artifact that is missing, unreadable or changed."""
+
+
 @dataclass(frozen=True)
 class Artifact:
     path: Path
     manifest: dict
     weights: dict[str, torch.Tensor]
+    # The artifacts this one is stacked on (``erase --base``), base first; () for most.
+    chain: tuple[Artifact, ...] = ()
 
     @property
     def base(self) -> dict:
         return self.manifest["base"]
+
+    @property
+    def original_base(self) -> dict:
+        """The base model the whole chain starts from (the first link's base)."""
+        return (self.chain[0] if self.chain else self).base
+
+    @property
+    def changed_tensors(self) -> list[str]:
+        """Every tensor the artifact and its chain change."""
+        names = set(self.weights)
+        for link in self.chain:
+            names |= set(link.weights)
+        return sorted(names)
 
     @property
     def is_delta(self) -> bool:
@@ -78,7 +104,8 @@ def write_artifact(out_dir: Path, weights: dict[str, torch.Tensor], manifest: di
                                     hint=_NON_FINITE_HINT)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = {HEADER_KEY: json.dumps({k: manifest[k] for k in (
-        "format_version", "concept", "anchor", "concept_type", "concepts", "method", "base")
+        "format_version", "concept", "anchor", "concept_type", "concepts", "method", "base",
+        "chain")
         if k in manifest})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     _atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -87,8 +114,9 @@ def write_artifact(out_dir: Path, weights: dict[str, torch.Tensor], manifest: di
                   lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
 
 
-def read_artifact(path: Path) -> Artifact:
-    """An artifact folder written by ``conceptctl erase``, or a delta file from ``export``."""
+def read_artifact(path: Path, *, follow_chain: bool = True) -> Artifact:
+    """An artifact folder written by ``conceptctl erase``, or a delta file from ``export``; a
+    stacked one with every link of its chain (``follow_chain=False``: without)."""
     path = Path(path)
     if path.is_file():
         return _read_delta(path)
@@ -100,7 +128,89 @@ def read_artifact(path: Path) -> Artifact:
     manifest = _read_manifest(manifest_file)
     _check_format_version(path, manifest)
     _check_fields(manifest_file, manifest)
-    return Artifact(path, manifest, _finite(path / WEIGHTS, _load_weights(path / WEIGHTS)))
+    artifact = Artifact(path, manifest, _finite(path / WEIGHTS, _load_weights(path / WEIGHTS)))
+    if follow_chain and manifest.get("chain"):
+        artifact = replace(artifact, chain=_read_chain(artifact))
+    return artifact
+
+
+def read_stack_base(path: str | Path) -> Artifact:
+    """The artifact ``conceptctl erase --base PATH`` erases on top of: a folder ``erase`` wrote,
+    with every link of its chain intact (a delta file is a flattened export: its chain cannot
+    be recorded link by link)."""
+    path = Path(path)
+    if path.is_file():
+        raise UsageError(f"--base {path} is a file; stacking builds on an artifact folder",
+                         hint="give the folder 'conceptctl erase' wrote (a delta export is "
+                         "applied with 'conceptctl sample --model', not stacked on)")
+    if not path.exists():
+        raise UsageError(f"--base {path} does not exist",
+                         hint="give the folder of an earlier 'conceptctl erase' run")
+    return read_artifact(path)
+
+
+def weights_digest(artifact: Artifact) -> str:
+    """What a chain records of a link: the digest of its tensors (names, dtypes, values)."""
+    return _digest(artifact.weights)
+
+
+_CHAIN_HINT = ("put the artifact back where it was (folders of a chain move together), or erase "
+               "again with --base on the artifact you have")
+
+
+def _read_chain(artifact: Artifact) -> tuple[Artifact, ...]:
+    """The links ``artifact``'s manifest lists, each read from its recorded place and checked
+    against its recorded digest: a stacked model is only what it was made on."""
+    links = artifact.manifest["chain"]
+    file = artifact.path / MANIFEST
+    if not isinstance(links, list) or not all(
+            isinstance(link, dict) and isinstance(link.get("path"), str)
+            and isinstance(link.get("weights_digest"), str) for link in links):
+        raise ConceptctlError(f"{file}: 'chain' must be a list of links with 'path' and "
+                              "'weights_digest'", hint=_REBUILD_HINT)
+    read = []
+    for number, link in enumerate(links, 1):
+        where = chain_location(artifact.path, link["path"])
+        name = f"{artifact.path} is stacked on {where} (link {number} of {len(links)})"
+        if not where.exists():
+            raise BrokenChainError(f"{name}, which is missing", hint=_CHAIN_HINT)
+        try:
+            linked = read_artifact(where, follow_chain=False)
+        except ConceptctlError as err:
+            raise BrokenChainError(f"{name}, which cannot be read: {err}",
+                                   hint=_CHAIN_HINT) from None
+        found = weights_digest(linked)
+        if found != link["weights_digest"]:
+            raise BrokenChainError(
+                f"{name}, which has changed since (weights {found}, recorded "
+                f"{link['weights_digest']})", hint=_CHAIN_HINT)
+        read.append(linked)
+    return tuple(read)
+
+
+def chain_location(artifact_dir: Path, recorded: str) -> Path:
+    """Where a chain's recorded path points: relative paths count from the artifact's folder."""
+    where = Path(recorded)
+    return where if where.is_absolute() else Path(os.path.normpath(Path(artifact_dir) / where))
+
+
+def chain_links(base: Artifact, out_dir: Path) -> list[dict]:
+    """The ``chain`` of an artifact written to ``out_dir`` on top of ``base``: the base's own
+    links, then the base itself, each with its path relative to ``out_dir`` where one exists
+    (so the folders can move together), its weights' digest, its base digest and concepts."""
+
+    def relative(path: Path) -> str:
+        target = os.path.abspath(path)
+        try:
+            return os.path.relpath(target, os.path.abspath(out_dir))
+        except ValueError:  # another drive (Windows): no relative path exists
+            return target
+
+    return [{"path": relative(link.path), "weights_digest": weights_digest(link),
+             "base_tensors_digest": link.base["tensors_digest"],
+             "method": link.manifest.get("method"),
+             "concepts": concepts_of(link.manifest)}
+            for link in (*base.chain, base)]
 
 
 _REBUILD_HINT = "this artifact is damaged: erase again, or restore the folder from a copy"
@@ -236,7 +346,16 @@ def _expected_digest(artifact: Artifact, dtype: torch.dtype) -> str:
 
 def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[str]:
     """Put the artifact's tensors into the backbone (UNet, and text encoder for names under
-    ``text_encoder.``; a delta's: add them); returns warnings (e.g. forced)."""
+    ``text_encoder.``; a delta's: add them), after every link of its chain in order, each
+    checked against what the one before left; returns warnings (e.g. forced)."""
+    notes = []
+    for number, link in enumerate(artifact.chain, 1):
+        notes += _apply_one(backbone, link, force,
+                            f"link {number} of {artifact.path}'s chain ({link.path})")
+    return notes + _apply_one(backbone, artifact, force, None)
+
+
+def _apply_one(backbone, artifact: Artifact, force: bool, link: str | None) -> list[str]:
     params = backbone.named_tensors()
     missing = sorted(set(artifact.weights) - set(params))
     if missing:
@@ -257,7 +376,7 @@ def apply_artifact(backbone, artifact: Artifact, force: bool = False) -> list[st
         expected = _expected_digest(artifact, dtype)
     notes = []
     if actual != expected:
-        what = "delta" if artifact.is_delta else "artifact"
+        what = link or ("delta" if artifact.is_delta else "artifact")
         message = (f"the {what} was made from base {artifact.base.get('name')} ({expected}) "
                    f"but this backbone ({backbone.spec.name}) has {actual}")
         if not force:
@@ -300,17 +419,19 @@ def _summary(history: list[dict]) -> dict:
 
 
 def build_manifest(cfg, backbone, base, params, groups, samplings, cache_files, selector,
-                   seconds, peak, history, versions) -> dict:
+                   seconds, peak, history, versions, chain: list[dict] | None = None) -> dict:
     """conceptctl.json of a finished run: what was erased (``concepts``: every concept with its
     anchor and type; ``concept``/``anchor``/``concept_type``: the first), from which base, with
     which components (and their plugins' versions), every setting, the anchors (per erasure),
-    the training summary, time, memory, machine and library versions."""
+    the training summary, time, memory, machine and library versions; ``chain``: the links of a
+    stacked run (:func:`chain_links`)."""
     from dataclasses import asdict
 
     from conceptctl.erasure.anchors import merge_anchor_sets
 
     anchors = merge_anchor_sets([group for _, group in groups])
     files = [f.name for f in cache_files] or [None] * len(groups)
+    stacked = {"chain": chain} if chain else {}
     return {
         "format_version": FORMAT_VERSION,
         "kind": "values",  # weights.safetensors holds new values of the listed tensors
@@ -321,6 +442,7 @@ def build_manifest(cfg, backbone, base, params, groups, samplings, cache_files, 
                      for e in cfg.erasures()],
         "method": cfg.method,
         "base": {**backbone.describe(), **base, "tensors": sorted(params)},
+        **stacked,
         "components": {
             "method": _component_info("method", cfg.method),
             "discriminator": _component_info("discriminator", cfg.discriminator),
@@ -383,6 +505,9 @@ def artifact_card(m: dict) -> str:
         ("seed", h["seed"]),
         ("anchor images", _anchor_line(m)),
         ("time", f"{m['seconds']['total']} s ({m['machine']['device']})"),
+        *([("stacked on", "; ".join(
+            f"`{link['path']}` ({', '.join(c['concept'] for c in link['concepts'])}, "
+            f"{link['method']})" for link in m["chain"]))] if m.get("chain") else []),
     ]
     return model_card(m, "This folder is a conceptctl erasure artifact", rows, (
         "`weights.safetensors` holds the new values of the replaced tensors (UNet, and text "
@@ -393,13 +518,20 @@ def artifact_card(m: dict) -> str:
 
 
 def concepts_of(record: dict) -> list[dict]:
-    """Every concept a manifest or header records as erased (``concept``, ``anchor``,
-    ``concept_type`` each): its ``concepts`` list, or the one concept of a record without it
-    (written before several concepts per run existed)."""
+    """Every concept a manifest or header records as erased by its own run (``concept``,
+    ``anchor``, ``concept_type`` each): its ``concepts`` list, or the one concept of a record
+    without it (written before several concepts per run existed)."""
     listed = record.get("concepts")
     if isinstance(listed, list) and listed:
         return listed
     return [{k: record.get(k) for k in ("concept", "anchor", "concept_type")}]
+
+
+def all_concepts(record: dict) -> list[dict]:
+    """Every concept the model of a manifest has forgotten: those of the artifacts it is stacked
+    on (its ``chain``, base first), then its own."""
+    chained = [c for link in record.get("chain") or () for c in link.get("concepts") or ()]
+    return chained + concepts_of(record)
 
 
 def model_card(record: dict, intro: str, rows: list[tuple[str, object]], body: str,
@@ -409,7 +541,7 @@ def model_card(record: dict, intro: str, rows: list[tuple[str, object]], body: s
     ``body``."""
     head = "\n".join(("---", *front_matter, "---", "", "")) if front_matter else ""
     table = "\n".join(["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
-    concepts = concepts_of(record)
+    concepts = all_concepts(record)
     names = ", ".join(c["concept"] for c in concepts)
     asks = "; ".join(f"prompts asking for **{c['concept']}** ({c['concept_type']}) should now "
                      f"give **{c['anchor']}** instead" for c in concepts)

@@ -37,7 +37,10 @@ class EraseConfig:
     # fields above; empty for a run of one concept. Methods and anchor selectors see one
     # erasure at a time through :meth:`for_erasure`, with this list telling them the rest.
     concepts: tuple[tuple[str, str, str | None], ...] = ()
-    backbone: str | None = None  # None: the default-backbone setting
+    backbone: str | None = None  # None: --base's backbone, else the default-backbone setting
+    # Stacking: the artifact folder this run erases on top of (its whole chain applied first);
+    # the new artifact records the chain. An absolute path, so a resumed run compares equal.
+    base_artifact: str | None = None
     method: str = "doco"
     discriminator: str = "patchgan"
     surgery: str = "doco"
@@ -210,7 +213,7 @@ def complete(cfg: EraseConfig, spec=None) -> EraseConfig:
     from conceptctl.erasure.anchors import guess_type
     from conceptctl.settings import load_settings
 
-    backbone = cfg.backbone or load_settings().default_backbone
+    backbone = cfg.backbone or _stacked_backbone(cfg) or load_settings().default_backbone
     spec = spec or resolve_backbone(backbone)  # reads the settings itself
     kind = cfg.concept_type or guess_type(cfg.concept, cfg.anchor)
     concepts = tuple((c, a, t or guess_type(c, a)) for c, a, t in cfg.concepts)
@@ -218,6 +221,15 @@ def complete(cfg: EraseConfig, spec=None) -> EraseConfig:
     recipe = preset(kind, cfg.batch_size, cfg.method, spec.erase_presets)
     return replace(cfg, backbone=backbone, concept_type=kind, concepts=concepts,
                    **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
+
+
+def _stacked_backbone(cfg: EraseConfig) -> str | None:
+    """The backbone the --base artifact's chain starts from (None without --base)."""
+    if cfg.base_artifact is None:
+        return None
+    from conceptctl.erasure.artifact import read_stack_base
+
+    return read_stack_base(cfg.base_artifact).original_base["name"]
 
 
 def plan(concept: str | list[Erasure], anchor: str | None = None, backbone: str | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import resource
 import sys
 import time
@@ -27,9 +28,12 @@ from conceptctl.erasure.anchors import (
     retain_prompts,
 )
 from conceptctl.erasure.artifact import (
+    apply_artifact,
     artifact_card,
     base_record,
     build_manifest,
+    chain_links,
+    read_stack_base,
     write_artifact,
 )
 from conceptctl.erasure.augment import AUGMENTS
@@ -82,6 +86,8 @@ def check_config(cfg: EraseConfig) -> None:
     for erasure in cfg.erasures():
         _check_erasure(erasure)
     _check_concept_list(cfg)
+    if cfg.base_artifact is not None:
+        read_stack_base(cfg.base_artifact)  # a missing base or broken chain: before any work
     if cfg.adversarial and _closed_form(cfg.method):
         raise UsageError(f"--adversarial attacks the model while it trains, and {cfg.method} "
                          "edits it in closed form, without training",
@@ -347,18 +353,35 @@ def erase(
     dist, device = distributed.setup(resolve_device(device or settings.device))
     report = (reporter or EraseReporter()) if dist.is_main else EraseReporter()
     out_dir = Path(out_dir)
+    _check_not_in_chain(out_dir, cfg)
     # Only the main process writes, so only it holds the output (other processes never read it).
     with (_output_dir(out_dir, resume, overwrite, report.message) if dist.is_main
           else nullcontext(out_dir)) as work_dir:
         result = _erase_into(work_dir, cfg, resume=resume, dtype=dtype, settings=settings,
-                             dist=dist, device=device, report=report, started=started)
+                             dist=dist, device=device, report=report, started=started,
+                             final_dir=out_dir)
     return replace(result, out_dir=out_dir)
 
 
+def _check_not_in_chain(out_dir: Path, cfg: EraseConfig) -> None:
+    """A stacked run must not write over (or around) an artifact its chain reads."""
+    if cfg.base_artifact is None:
+        return
+    base = read_stack_base(cfg.base_artifact)
+    out = Path(os.path.abspath(out_dir))
+    for link in (*base.chain, base):
+        held = Path(os.path.abspath(link.path))
+        if out == held or out in held.parents:
+            raise UsageError(f"--output {out_dir} would replace {link.path}, which the new "
+                             "artifact is stacked on",
+                             hint="give the stacked artifact a folder of its own")
+
+
 def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dist, device, report,
-                started: float) -> EraseResult:
+                started: float, final_dir: Path) -> EraseResult:
     """The run itself, writing checkpoints and the artifact into ``out_dir`` (the output, or the
-    staging folder that replaces an earlier output once complete), in named phases."""
+    staging folder that replaces an earlier output once complete; ``final_dir``: the output,
+    from which a stacked artifact's chain paths count), in named phases."""
     from conceptctl.backbones.loading import open_backbone
     from conceptctl.erasure.anchor_data import backbone_digest, cache_key
     from conceptctl.sampling import library_versions
@@ -373,6 +396,12 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     # sampling) would make AdamW lose most updates. --mixed-precision brings the speed instead.
     dtype = dtype or (settings.dtype if settings.dtype != "auto" else "float32")
     backbone = open_backbone(cfg.backbone, device=device, dtype=dtype)
+    stack = None
+    if cfg.base_artifact is not None:
+        # Stacking: the run starts from the base artifact's model, every link applied and
+        # checked (never forced: training on another model would record a false chain).
+        stack = read_stack_base(cfg.base_artifact)
+        apply_artifact(backbone, stack)
     apply_speed_settings(cfg, backbone.device)
     notes: list[str] = []
     selector, groups = _anchor_prompts(cfg, backbone, report, notes)
@@ -428,7 +457,8 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     if dist.is_main:
         manifest = build_manifest(cfg, backbone, base, params, groups, samplings,
                                   cache_files, selector, seconds, peak, state.history,
-                                  library_versions())
+                                  library_versions(),
+                                  chain=chain_links(stack, final_dir) if stack else None)
         manifest["training"]["precision"] = training.precision.state_dict()
         manifest["machine"]["processes"] = dist.world
         if edit_figures is not None:

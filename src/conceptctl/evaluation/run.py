@@ -180,7 +180,8 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
 
     # An artifact of several concepts is evaluated concept by concept (its own suite, judge,
     # metrics and attacks each), all on the one erased model; a prompt file is one suite.
-    views = [manifest] if file_suite is not None else concept_views(manifest)
+    views = [manifest] if file_suite is not None else concept_views(
+        manifest, [link.manifest for link in artifact.chain])
     parts = []
     draw_seconds = attack_seconds = 0.0
     original_model = None  # loaded once, for every concept's pictures
@@ -224,18 +225,30 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
     return Evaluation(result, run, [a["attempts"] for a in attacks])
 
 
-def concept_views(manifest: dict) -> list[dict]:
+def concept_views(manifest: dict, chain: list[dict] = ()) -> list[dict]:
     """The manifest as each of its concepts' own erasure would read (``concept``, ``anchor``,
     ``concept_type`` and its anchor and target prompts), with ``erased_concepts`` naming every
     concept the model forgot, so a suite leaves them out of what must be kept. One view, the
-    manifest itself with that list, for an artifact of one concept."""
+    manifest itself with that list, for an artifact of one concept. ``chain``: the manifests of
+    the artifacts a stacked one is built on (base first), whose concepts come first, each with
+    the anchor prompts of the run that erased it."""
+    from conceptctl.erasure.artifact import all_concepts
+
+    erased = [c["concept"] for c in all_concepts(manifest)]
+    if not chain and len(erased) == 1:
+        return [{**manifest, "erased_concepts": erased}]
+    return [{**manifest, **view, "erased_concepts": erased}
+            for record in (*chain, manifest) for view in _own_views(record)]
+
+
+def _own_views(record: dict) -> list[dict]:
+    """Each concept a manifest's own run erased, with that run's anchor and target prompts."""
     from conceptctl.erasure.artifact import concepts_of
 
-    concepts = concepts_of(manifest)
-    erased = [c["concept"] for c in concepts]
+    concepts = concepts_of(record)
+    anchors = record["anchors"]
     if len(concepts) == 1:
-        return [{**manifest, "erased_concepts": erased}]
-    anchors = manifest["anchors"]
+        return [{**concepts[0], "anchors": anchors}]
     counts = [entry["prompts"] for entry in anchors.get("per_concept", [])]
     if len(counts) != len(concepts) or sum(counts) != len(anchors["targets"]):
         raise ConceptctlError("the artifact lists several concepts but not which anchor prompts "
@@ -245,9 +258,8 @@ def concept_views(manifest: dict) -> list[dict]:
     for concept, count in zip(concepts, counts, strict=True):
         rows = slice(start, start + count)
         start += count
-        views.append({**manifest, **concept, "erased_concepts": erased,
-                      "anchors": {**anchors, "prompts": anchors["prompts"][rows],
-                                  "targets": anchors["targets"][rows]}})
+        views.append({**concept, "anchors": {**anchors, "prompts": anchors["prompts"][rows],
+                                             "targets": anchors["targets"][rows]}})
     return views
 
 

@@ -52,8 +52,11 @@ def export_diffusers(job, out: Path) -> dict[str, Any]:
         stamp_safetensors(path, job.metadata)
     (out / "README.md").write_text(export_card(job.info, how_to_load(job)), encoding="utf-8")
     spec = job.backbone.spec
+    # A stacked artifact's chain holds paths relative to its folder: the export is flattened,
+    # so it lists every concept instead (the links stay in export.chain).
+    record = {k: v for k, v in job.artifact.manifest.items() if k != "chain"}
     write_json(out / "conceptctl.json", {
-        **job.artifact.manifest, "export": job.info["export"],
+        **record, "concepts": job.info["concepts"], "export": job.info["export"],
         # What `--backbone THIS_FOLDER` should keep of the base (sampling steps and guidance,
         # presets, anchor selector, judge): conceptctl.backbones.resolve reads it back.
         "backbone_defaults": {key: getattr(spec, key) for key in FOLDER_DEFAULTS}})

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from conceptctl.erasure.artifact import HEADER_KEY, concepts_of
+from conceptctl.erasure.artifact import HEADER_KEY, all_concepts
 
 # safetensors: 8-byte little-endian header length, the JSON header, then the raw tensor bytes,
 # whose offsets count from the end of the header — so the header can grow without touching them.
@@ -30,7 +30,7 @@ def export_info(manifest: dict, *, kind: str, base: dict, export: dict) -> dict[
         "concept": manifest.get("concept"),
         "anchor": manifest.get("anchor"),
         "concept_type": manifest.get("concept_type"),
-        "concepts": concepts_of(manifest),
+        "concepts": all_concepts(manifest),  # a stacked artifact's whole chain
         "method": manifest.get("method"),
         "base": base,
         "export": export,

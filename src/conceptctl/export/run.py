@@ -109,7 +109,7 @@ def export_artifact(
 def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dtype, force):
     from conceptctl import __version__
     from conceptctl.backbones.loading import open_backbone
-    from conceptctl.erasure.artifact import apply_artifact, base_record
+    from conceptctl.erasure.artifact import apply_artifact, base_record, concepts_of
     from conceptctl.export import ExportJob
     from conceptctl.export.metadata import export_info
     from conceptctl.runtime import torch_dtype
@@ -120,9 +120,11 @@ def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dt
                           dtype=artifact.base.get("dtype"), config=backbone_config,
                           allow_pickle=allow_pickle)
     params = model.named_tensors()
-    base = {n: params[n].detach().clone() for n in artifact.weights if n in params}
+    # A stacked artifact exports flattened: the change of its whole chain against the base.
+    changed = artifact.changed_tensors
+    base = {n: params[n].detach().clone() for n in changed if n in params}
     notes = apply_artifact(model, artifact, force=force)
-    erased = {n: params[n].detach().clone() for n in artifact.weights}
+    erased = {n: params[n].detach().clone() for n in changed}
 
     out_dtype = torch_dtype(dtype) if dtype else model.dtype
     if out_dtype != model.dtype:
@@ -130,12 +132,18 @@ def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dt
         model.dtype = out_dtype
     export = {"format": fmt, "conceptctl": __version__, "dtype": str(out_dtype).removeprefix(
         "torch."), "options": options, "forced": bool(notes)}  # notes: only a forced mismatch
+    if artifact.chain:  # what the flattened files were made from, link by link
+        export["chain"] = [*artifact.manifest["chain"],
+                           {"path": str(artifact.path), "concepts": concepts_of(
+                               artifact.manifest), "method": artifact.manifest["method"]}]
     if export["forced"]:
         # The files describe the base they were computed against; the artifact's own base is
         # kept beside it so the mismatch stays visible downstream.
         base_info = {**model.describe(), **base_record(base), "tensors": sorted(base)}
         export["artifact_base"] = {"name": artifact.base.get("name"),
                                    "tensors_digest": artifact.base["tensors_digest"]}
+    elif artifact.chain:  # the chain's first base, with the digest of every changed tensor
+        base_info = {**artifact.original_base, **base_record(base), "tensors": sorted(base)}
     else:
         base_info = dict(artifact.base)
     info = export_info(artifact.manifest, kind=fmt, base=base_info, export=export)
