@@ -109,6 +109,30 @@ def test_two_concepts_train_one_model_on_both(tiny_sd1, tmp_path):
                                            "concept_type": "object"}]
 
 
+def test_several_concepts_share_one_anchor_image_budget(tiny_sd1, tmp_path):
+    """--anchor-images 3 over two distinct anchor-prompt sets: 2 images per prompt each (3 / 2
+    rounded up), so the run draws about as many images as one concept's, and trains on them."""
+    from dataclasses import replace
+
+    from conceptctl.erasure.config import complete
+    from conceptctl.erasure.run import erase
+    from conceptctl.testing import tiny_erase_config
+
+    single = tiny_erase_config(tiny_sd1, anchor_images_per_prompt=3, steps=2)
+    for concepts, per_prompt in (((("church", "house", "object"),
+                                   ("Van Gogh", "painting", "style")), 2),
+                                 ((("church", "house", "object"),
+                                   ("airplane", "house", "object")), 3)):  # one set, shared
+        out = tmp_path / str(per_prompt)
+        result = erase(complete(replace(single, concepts=concepts)), out)
+        assert result.steps == 2
+        anchors = json.loads((out / "conceptctl.json").read_text())["anchors"]
+        assert [c["images_per_prompt"] for c in anchors["per_concept"]] == [per_prompt] * 2
+        assert anchors["sampler"]["images_per_prompt"] == per_prompt
+        assert f"{len(anchors['prompts'])} prompts x {per_prompt}" in (
+            out / "README.md").read_text()
+
+
 def test_esd_x_takes_turns_over_several_concepts(tiny_sd1, tmp_path):
     from dataclasses import replace
 

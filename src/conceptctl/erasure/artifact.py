@@ -456,8 +456,10 @@ def build_manifest(cfg, backbone, base, params, groups, samplings, cache_files, 
                     "sampler": asdict(samplings[0]) | {"prompts": len(samplings[0].prompts)},
                     "cache_file": files[0],
                     "per_concept": [{"concept": e.concept, "prompts": len(group.anchor),
+                                     "images_per_prompt": sampling.images_per_prompt,
                                      "cache_file": file}
-                                    for (e, group), file in zip(groups, files, strict=True)]},
+                                    for (e, group), sampling, file in zip(
+                                        groups, samplings, files, strict=True)]},
         "training": _summary(history),
         "seconds": seconds,
         "peak_memory_mb": round(peak, 1),
@@ -472,7 +474,7 @@ def _anchor_line(m: dict) -> str:
         return "none (closed-form edit)"
     if m["anchors"]["cache_file"] is None:
         return "none (the method samples its own training latents)"
-    per_prompt = m["hyperparameters"]["anchor_images_per_prompt"]
+    per_prompt = m["anchors"]["sampler"]["images_per_prompt"]  # shared by several concepts
     return f"{len(m['anchors']['prompts'])} prompts x {per_prompt}"
 
 

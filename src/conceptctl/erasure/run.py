@@ -411,11 +411,12 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
         if cfg.adversarial or closed_form else ()
     # One sampling per erasure, each as its own one-concept run draws it (so its cache serves
     # both); erasures sharing an anchor and its prompts share the images.
-    samplings = [_anchor_sampling(cfg, group, backbone) for _, group in groups]
+    per_prompt = anchor_images_per_prompt(cfg, groups)
+    samplings = [_anchor_sampling(cfg, group, backbone, per_prompt) for _, group in groups]
     # A method that makes its own training latents (esd-x), or edits in closed form (uce),
     # needs no anchor images.
     uses_images = getattr(get_registry("method").get(cfg.method), "uses_anchor_images", True)
-    count = len(anchors.anchor) * cfg.anchor_images_per_prompt if uses_images else 0
+    count = len(anchors.anchor) * per_prompt if uses_images else 0
     _check_anchor_count(count, backbone)
 
     # The trained tensors' base values (for the manifest), and the anchor cache files' names.
@@ -487,7 +488,17 @@ def _anchor_prompts(cfg: EraseConfig, backbone, report, notes: list[str]):
     return selector, groups
 
 
-def _anchor_sampling(cfg: EraseConfig, anchors, backbone):
+def anchor_images_per_prompt(cfg: EraseConfig, groups) -> int:
+    """Anchor images per prompt of each erasure. Several concepts share one budget: with m
+    distinct anchor-prompt sets (erasures sharing their anchor prompts draw them once), each
+    draws ``anchor_images_per_prompt / m`` per prompt, rounded up — about as many images in all
+    as one concept's run, never fewer — so erasing three concepts does not cost three drawings.
+    One concept: the setting itself."""
+    distinct = len({group.anchor for _, group in groups})
+    return math.ceil(cfg.anchor_images_per_prompt / distinct)
+
+
+def _anchor_sampling(cfg: EraseConfig, anchors, backbone, per_prompt: int):
     """How one erasure's anchor images are drawn from the ORIGINAL model. As the reference:
     DPM-Solver whatever the backbone's own sampler, and every image from its own noise (prompt
     p's image k is seeded seed + p x images per prompt + k). Batches of 32: measured fastest per
@@ -495,10 +506,10 @@ def _anchor_sampling(cfg: EraseConfig, anchors, backbone):
     from conceptctl.sampling import SampleSettings
 
     return SampleSettings(
-        prompts=anchors.anchor, images_per_prompt=cfg.anchor_images_per_prompt, seed=cfg.seed,
+        prompts=anchors.anchor, images_per_prompt=per_prompt, seed=cfg.seed,
         steps=cfg.anchor_steps, guidance=cfg.anchor_guidance, batch_size=32,
         sampler="dpm-solver", prompt_seeds=tuple(
-            cfg.seed + p * cfg.anchor_images_per_prompt for p in range(len(anchors.anchor))),
+            cfg.seed + p * per_prompt for p in range(len(anchors.anchor))),
     ).for_backbone(backbone)
 
 
@@ -543,7 +554,7 @@ def _anchor_data(cfg: EraseConfig, backbone, anchors, samplings, cache_dir, dige
     data = TrainingData(
         latents=latents,
         prompt_index=torch.arange(len(anchors.anchor)).repeat_interleave(
-            cfg.anchor_images_per_prompt),
+            samplings[0].images_per_prompt),  # every erasure's (anchor_images_per_prompt)
         anchor_text=backbone.encode_prompts(list(anchors.anchor)).cpu(),
         target_text=backbone.encode_prompts(list(anchors.target)).cpu(),
         empty_text=backbone.encode_prompts([""]).cpu(),
