@@ -26,7 +26,8 @@ PROMPT = "a red church"
 
 
 def _erase(cli, *args):
-    result = cli("erase", *args, "--method", "uce", "--json")
+    # 5 template prompts a concept: a quick evaluation (its targets are the run's prompts).
+    result = cli("erase", *args, "--method", "uce", "--anchor-prompt-count", "5", "--json")
     assert result.code == 0, result.err
     return result
 
@@ -174,7 +175,7 @@ def test_doco_trains_on_the_base_model_and_draws_its_anchors_from_it(tiny_sd1, t
     from conceptctl.erasure.run import erase
     from conceptctl.testing import tiny_erase_config
 
-    first = tiny_erase_config(tiny_sd1, concept="church", anchor="house")
+    first = tiny_erase_config(tiny_sd1, concept="church", anchor="house", method="uce")
     erase(first, tmp_path / "A")
     plain = tiny_erase_config(tiny_sd1, concept="airplane", anchor="house")
     erase(plain, tmp_path / "plain")
@@ -185,3 +186,14 @@ def test_doco_trains_on_the_base_model_and_draws_its_anchors_from_it(tiny_sd1, t
             != _manifest(tmp_path / "plain")["anchors"]["cache_file"])
     model = open_backbone(str(tiny_sd1), device="cpu", dtype="float32")
     apply_artifact(model, read_artifact(tmp_path / "B"))  # the chain holds
+
+
+def test_eval_reports_every_concept_of_the_chain(chain, tmp_path, cli):
+    a, b = chain
+    result = cli("eval", b, "--steps", "2", "-n", "1", "--attacks", "none", "-o",
+                 tmp_path / "report", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert [(p["concept"], p["anchor"]) for p in report["concepts"]] == [("church", "house"),
+                                                                        ("airplane", "tree")]
+    assert [link["path"] for link in report["artifact"]["chain"]] == ["../A"]

@@ -322,6 +322,8 @@ def _record(artifact_dir: Path, run: EvalRun, backbone_name: str, notes: list[st
                      "anchor": run.anchor, "concept_type": run.concept_type,
                      "method": manifest["method"], "base": manifest["base"],
                      "weights_sha256": file_sha256(Path(artifact_dir) / "weights.safetensors"),
+                     # A stacked artifact: the links applied before it, as it records them.
+                     **({"chain": manifest["chain"]} if manifest.get("chain") else {}),
                      "forced": bool(notes)},
         "backbone": backbone_name,
         "processes": dist.world,
