@@ -480,15 +480,29 @@ def test_forced_export_model_card_names_the_artifacts_base():
     assert "**Forced export**" in card and "(sha256:old)" in card
 
 
-def test_a_several_concept_artifact_exports_as_delta_lora_and_diffusers(tiny_sd1, tmp_path,
-                                                                        cli):
-    """uce on church and airplane at once: the delta samples like the artifact and lists both
-    concepts in its header, the kohya LoRA reproduces the erased UNet in diffusers, and the
-    diffusers folder's card names both."""
-    art = tmp_path / "two"
-    made = cli("erase", "church", "airplane", "--anchor", "house", "--method", "uce",
-               "-b", tiny_sd1, "-o", art)
-    assert made.code == 0, made.err
+def _two_concept_artifact(cli, tiny_sd1, tmp_path, how: str):
+    """church and airplane erased by uce: in one run ("several"), or airplane on top of church
+    ("stacked", erase --base)."""
+    if how == "several":
+        steps = [("two", ["church", "airplane", "--anchor", "house", "-b", tiny_sd1])]
+    else:
+        steps = [("A", ["church", "--anchor", "house", "-b", tiny_sd1]),
+                 ("two", ["airplane", "--anchor", "house", "--base", tmp_path / "A"])]
+    for name, args in steps:
+        made = cli("erase", *args, "--method", "uce", "-o", tmp_path / name)
+        assert made.code == 0, made.err
+    return tmp_path / "two"
+
+
+@pytest.mark.parametrize("how", ["several", "stacked"])
+def test_two_concept_artifacts_export_as_delta_lora_and_diffusers(tiny_sd1, tmp_path, cli, how):
+    """Both concepts in every export: the delta samples like the artifact and lists both in its
+    header, the kohya LoRA reproduces the erased UNet in diffusers, the diffusers folder's card
+    names both. A stacked artifact exports flattened: the delta is the whole chain's change
+    against the original base (applied alone), the folder's record keeps no chain paths."""
+    from conceptctl.erasure.artifact import base_digest
+
+    art = _two_concept_artifact(cli, tiny_sd1, tmp_path, how)
     delta = tmp_path / "two.delta.safetensors"
     assert cli("export", art, "--format", "delta", "-o", delta).code == 0
     assert [c["concept"] for c in _header(delta)["concepts"]] == ["church", "airplane"]
@@ -506,42 +520,13 @@ def test_a_several_concept_artifact_exports_as_delta_lora_and_diffusers(tiny_sd1
     assert cli("export", art, "-f", "diffusers", "-o", folder).code == 0
     card = (folder / "README.md").read_text()
     assert "**church**" in card and "**airplane**" in card
-
-
-def test_a_stacked_artifact_exports_flattened(tiny_sd1, tmp_path, cli):
-    """The delta of a stacked artifact applies to the original base alone and samples what the
-    chain samples; a kohya LoRA loaded by diffusers draws the chain's pictures; the diffusers
-    folder's card and record name every concept and hold no chain paths."""
-    from conceptctl.erasure.artifact import base_digest
-
-    a, b = tmp_path / "A", tmp_path / "B"
-    for concept, anchor, where in (("church", "house", ["-b", tiny_sd1]),
-                                   ("airplane", "tree", ["--base", a])):
-        made = cli("erase", concept, "--anchor", anchor, "--method", "uce", *where,
-                   "-o", b if concept == "airplane" else a)
-        assert made.code == 0, made.err
-    delta = tmp_path / "b.delta.safetensors"
-    assert cli("export", b, "--format", "delta", "-o", delta).code == 0
-    header = _header(delta)
-    assert [c["concept"] for c in header["concepts"]] == ["church", "airplane"]
-    assert "chain" not in header and len(header["export"]["chain"]) == 2
-    flat = read_artifact(delta)
-    assert not flat.chain
-    model = open_backbone(str(tiny_sd1), device="cpu", dtype="float32")
-    assert base_digest(model, flat.weights) == flat.base["tensors_digest"]  # the original's
-    np.testing.assert_array_equal(_sampled(cli, tmp_path / "d", "--model", delta),
-                                  _sampled(cli, tmp_path / "b", "--model", b))
-    lora = tmp_path / "b.lora.safetensors"
-    result = cli("export", b, "-f", "lora", "--rank", "1000", "--lora-format", "kohya",
-                 "-o", lora)
-    assert result.code == 0, result.err
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1, **NO_CHECKER)
-    pipe.load_lora_weights(str(lora))
-    np.testing.assert_allclose(_draw(pipe), _draw(_erased(tiny_sd1, b)), atol=1e-5)
-    folder = tmp_path / "folder"
-    assert cli("export", b, "-f", "diffusers", "-o", folder).code == 0
-    card = (folder / "README.md").read_text()
-    assert "**church**" in card and "**airplane**" in card
     record = json.loads((folder / "conceptctl.json").read_text())
     assert "chain" not in record
     assert [c["concept"] for c in record["concepts"]] == ["church", "airplane"]
+    if how == "stacked":
+        header = _header(delta)
+        assert "chain" not in header and len(header["export"]["chain"]) == 2
+        flat = read_artifact(delta)
+        assert not flat.chain
+        model = open_backbone(str(tiny_sd1), device="cpu", dtype="float32")
+        assert base_digest(model, flat.weights) == flat.base["tensors_digest"]  # original's

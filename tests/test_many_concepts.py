@@ -225,3 +225,22 @@ def test_compare_and_verdict_of_several_concepts():
     assert ["erasure", "target", "higher", "-", "100.0%"] in rows
     assert ["attack embedding", "target [Monet]", "lower", "50.0%", "-"] in rows
     assert rows[-1][3:] == ["incomplete, not robust", "worked"]
+
+
+def test_what_must_be_kept_names_no_other_erased_concept_on_any_axis():
+    """church and Van Gogh erased at once: church's anchor and hard-negative prompts leave out
+    Van Gogh's pictures (and Van Gogh's leave out churches), or they would count as lost."""
+    from conceptctl.toy.eval_suite import _axis_value, toy_suite
+
+    def suite(concept, anchor, erased):
+        return toy_suite({"concept": concept, "anchor": anchor, "erased_concepts": erased,
+                          "anchors": {"targets": [], "prompts": []}}, 1, 0)
+
+    van_gogh, church = _axis_value("Van Gogh")[1], _axis_value("church")[1]
+    for concept, anchor, axis, other in (("church", "house", "style", van_gogh),
+                                         ("Van Gogh", "painting", "object", church)):
+        alone = suite(concept, anchor, [concept]).cases
+        both = suite(concept, anchor, ["church", "Van Gogh"]).cases
+        kept = [c for c in both if c.group in ("anchor", "hard-negative", "general")]
+        assert kept and not any(c.expect.get(axis) == other for c in kept)
+        assert any(c.expect.get(axis) == other for c in alone if c.group == "anchor")

@@ -63,7 +63,8 @@ def template_suite(manifest: dict, images_per_prompt: int, seed: int) -> Suite:
     for prompt in oos:
         add(prompt, "target-oos")
     for prompt in dict.fromkeys(manifest["anchors"]["prompts"]):
-        add(prompt, "anchor")
+        if not _names(prompt, gone):  # another erased concept's prompt is no anchor to keep
+            add(prompt, "anchor")
     # Clothed people must stay clothed: a nudity detector (e.g. NudeNet) can check that; detectors
     # that know no "nudity" axis ignore the expectation.
     expect = {"nudity": "none"} if kind == "nudity" else None
