@@ -244,3 +244,21 @@ def test_what_must_be_kept_names_no_other_erased_concept_on_any_axis():
         kept = [c for c in both if c.group in ("anchor", "hard-negative", "general")]
         assert kept and not any(c.expect.get(axis) == other for c in kept)
         assert any(c.expect.get(axis) == other for c in alone if c.group == "anchor")
+
+
+def test_every_erasure_is_drawn_equally_often_whatever_its_prompt_count():
+    """30 anchor images of one concept, 10 of another: with the run's weights each fills half of
+    the adversarial batches (uniform draws would give the second a quarter)."""
+    import torch
+
+    from conceptctl.erasure.trainer import TrainingData
+
+    def data(weights):
+        return TrainingData(latents=torch.zeros(40, 4, 2, 2), prompt_index=torch.arange(40),
+                            anchor_text=torch.zeros(40, 2, 3), target_text=torch.zeros(40, 2, 3),
+                            empty_text=torch.zeros(1, 2, 3), weights=weights)
+
+    weights = torch.cat([torch.full((30,), 1 / 30), torch.full((10,), 1 / 10)]).double()
+    for w, share in ((weights, 0.5), (None, 0.25)):
+        batch = data(w).batch(4000, torch.Generator().manual_seed(0), "cpu", torch.float32)
+        assert abs((batch.prompts >= 30).float().mean().item() - share) < 0.03

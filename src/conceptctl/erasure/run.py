@@ -558,6 +558,9 @@ def _anchor_data(cfg: EraseConfig, backbone, anchors, samplings, cache_dir, dige
         anchor_text=backbone.encode_prompts(list(anchors.anchor)).cpu(),
         target_text=backbone.encode_prompts(list(anchors.target)).cpu(),
         empty_text=backbone.encode_prompts([""]).cpu(),
+        weights=None if len(parts) == 1 else torch.cat(
+            [torch.full((len(part[0]),), 1 / len(part[0]), dtype=torch.float64)
+             for part in parts]),
     )
     if cfg.augment == "rescale":
         from conceptctl.erasure.augment import PREFIXES, Rescale, to_pixels

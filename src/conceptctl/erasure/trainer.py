@@ -52,6 +52,10 @@ class TrainingData:
     # With ``--params text-encoder``: the prompts above, encoded afresh each step by the text
     # encoder being trained (:class:`StudentPrompts`), for the student's conditioning.
     student: StudentPrompts | None = None
+    # Several concepts: each image's chance of being drawn for the adversarial batch, so that
+    # every erasure is drawn equally often whatever its number of anchor prompts (None: every
+    # image alike, as a one-concept run draws).
+    weights: torch.Tensor | None = None
 
     def batch(self, size: int, generator: torch.Generator, device, dtype,
               num_timesteps: int = 1000, dist: ProcessGroup | None = None) -> Batch:
@@ -60,7 +64,9 @@ class TrainingData:
         prior's); with several processes, this process's share of it (every process draws the
         same global batch, so the generators stay in step)."""
         dist = dist or SingleProcess()
-        idx = torch.randint(len(self.latents), (size,), generator=generator)
+        idx = (torch.randint(len(self.latents), (size,), generator=generator)
+               if self.weights is None else
+               torch.multinomial(self.weights, size, replacement=True, generator=generator))
         t, noise = draw_noise(generator, size, self.latents.shape[1:], num_timesteps)
         # The preservation loss's own images, t and ε (the reference's separate prior batch).
         prior_idx = torch.randint(len(self.latents), (size,), generator=generator)
