@@ -162,6 +162,26 @@ def test_the_toy_retain_set_leaves_out_every_erased_concept():
     assert both.anchor == alone.anchor and both.target == alone.target
 
 
+def test_no_training_pair_names_another_erased_concept():
+    """Van Gogh and church in one run: Van Gogh's pairs draw no church ("a painting of a
+    church" would teach the discriminator that churches are the real domain) and church's
+    pairs no Van Gogh picture ("a house in the style of Van Gogh" would teach it Van Gogh)."""
+    from conceptctl.toy.anchors import toy_anchor_set
+    from conceptctl.toy.world import OBJECT_WORDS, STYLE_WORDS
+
+    def names(prompts, words):
+        return [p for p in prompts if any(w.lower() in p.lower() for w in words)]
+
+    church_words, gogh_words = OBJECT_WORDS["church"], STYLE_WORDS["van-gogh"]
+    for concept, anchor, other, words in (("Van Gogh", "painting", "church", church_words),
+                                          ("church", "house", "Van Gogh", gogh_words)):
+        alone = toy_anchor_set(concept, anchor, "auto")
+        both = toy_anchor_set(concept, anchor, "auto", also_erased=(other,))
+        assert names(alone.anchor + alone.target, words)  # what a one-concept run trains on
+        assert both.anchor and not names(both.anchor + both.target, words)
+        assert len(both.anchor) == len(both.target) < len(alone.anchor)
+
+
 FAST = ["--steps", "3", "-n", "1", "--attack-cases", "2"]
 
 

@@ -24,7 +24,7 @@ def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
                    also_erased: tuple[str, ...] = ()) -> AnchorSet:
     """Paired toy captions; ``per_pair`` captions for each (object or style, colour) pair.
     For a concept the toy never learned: the built-in templates (``fallback``: their options).
-    ``also_erased``: the run's other concepts, kept out of the retain set too."""
+    ``also_erased``: the run's other concepts, named by no pair and kept out of the retain set."""
     found_concept, found_anchor = axis_of(concept), axis_of(anchor)
     if found_concept is None or found_anchor is None or found_concept[0] != found_anchor[0]:
         missing = concept if found_concept is None else anchor
@@ -37,7 +37,14 @@ def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
     anchor_value = found_anchor[1]
     rng = random.Random(seed)
     anchors, targets = [], []
-    others = OBJECTS if axis == "style" else STYLES
+    erased = [(axis, target_value)] + [found for found in map(axis_of, also_erased) if found]
+    # Several concepts in one run: no pair names another erased concept on the other axis.
+    # "a painting of a church" is an anchor image of Van Gogh -> painting, so with church erased
+    # too the discriminator would learn churches as the real domain (and church -> house's
+    # "a house in the style of Van Gogh" teaches it Van Gogh): each erasure undid the other.
+    other_axis = "object" if axis == "style" else "style"
+    others = [o for o in (OBJECTS if axis == "style" else STYLES)
+              if (other_axis, o) not in erased]
     for other in others:
         for color in COLORS:
             for _ in range(per_pair):
@@ -50,7 +57,6 @@ def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
     # Retain set (adversarial erasure): one caption of every point of the world without the
     # concept, the anchor's included, in the training templates.
     # Several concepts in one run: none of them is retained (by any of its synonyms).
-    erased = [(axis, target_value)] + [found for found in map(axis_of, also_erased) if found]
     retain = tuple(caption(c, rng) for c in all_concepts()
                    if all(getattr(c, a) != value for a, value in erased))
     return AnchorSet(tuple(anchors), tuple(targets), retain)
