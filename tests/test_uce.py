@@ -179,3 +179,30 @@ def test_plan_takes_several_concepts():
     assert cfg.erasures() == (Erasure("Van Gogh", "painting", "style"),
                               Erasure("church", "house", "object"))
     assert cfg.for_erasure(cfg.erasures()[1]).concept == "church"
+
+
+def test_uce_aligns_from_the_first_word_token_where_the_encoder_reads_ahead(backbone, cli,
+                                                                              tmp_path):
+    """CLIP (tiny SD) reads only the words before a token: the authors' alignment. The toy's
+    MiniLM reads both ways, and there Monet's name is spread over `Mon` `##et`: edited from its
+    first word token, uce makes the toy forget Monet and still draw Van Gogh (from the last
+    word token, Monet stayed in 20 of 20 pictures, docs/erase.md)."""
+    from conceptctl.backbones.loading import open_backbone
+    from conceptctl.erasure.uce import reads_ahead
+    from conceptctl.toy.judge import Judge, load_images
+
+    assert not reads_ahead(backbone)
+    assert reads_ahead(open_backbone("toy", device="cpu", dtype="float32"))
+    art = tmp_path / "monet"
+    made = cli("erase", "Monet", "--anchor", "painting", "--method", "uce", "-o", str(art))
+    assert made.code == 0, made.err
+    edit = json.loads((art / "conceptctl.json").read_text())["edit"]
+    assert edit["aligned_from"] == "first word token"
+    prompts = ["a red boat in the style of Monet", "a blue house, painted by Claude Monet",
+               "a green tree in the style of Van Gogh", "a yellow boat in the style of Van Gogh"]
+    drawn = cli("sample", *prompts, "-n", "2", "--model", str(art), "-o", str(tmp_path / "s"))
+    assert drawn.code == 0, drawn.err
+    styles = [v.labels["style"] for v in Judge.load().judge(load_images(
+        sorted((tmp_path / "s").glob("0*.png"))))]
+    assert len(styles) == 8
+    assert styles[:4].count("monet") <= 1 and styles[4:].count("van-gogh") >= 3

@@ -484,7 +484,9 @@ def _edit_rows(m: dict) -> list[tuple[str, object]]:
     pairs = ", ".join(f"{old} → {new}" for old, new in edit.get("edited_prompts", []))
     rows: list[tuple[str, object]] = [
         ("edit", f"closed form: {pairs or 'see conceptctl.json'}; "
-                 f"{edit.get('retain_prompts', '?')} retain prompts")]
+                 f"{edit.get('retain_prompts', '?')} retain prompts"
+                 + (f"; aligned from the {edit['aligned_from']}" if "aligned_from" in edit
+                    else ""))]
     if m["method"] == "uce":
         rows.append(("scales", f"λ {h['uce_lambda']}, erase {h['uce_erase_scale']}, "
                                f"preserve {h['uce_preserve_scale']}"))
