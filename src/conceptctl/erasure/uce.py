@@ -14,11 +14,10 @@ For every projection W of ``attn2.to_k`` / ``attn2.to_v`` (paper eq. 7; the auth
   cut to the same length, as the authors' code does. That is right for CLIP, whose token states
   read only the words before them (the last word piece of a name has read all of it). A text
   encoder that reads both ways (BERT-like, the toy's MiniLM) spreads a name over its word
-  pieces, and editing from the last one leaves the concept in place: measured on the toy, uce of
-  Monet left Monet in 20 of 20 pictures (`Mon` `##et`: only `##et` on were edited); aligned
-  from the first word token, 0 of 20, Van Gogh and church still drawn (20/20, 40/40). So the
-  solve asks the encoder (:func:`reads_ahead`) and, when it reads ahead, aligns both prompts at
-  their first word token instead; CLIP's alignment is the authors' exactly.
+  pieces, and editing from the last one leaves the concept in place (the toy's Monet, `Mon`
+  `##et`, stayed in every picture: docs/erase.md). So the solve asks the encoder
+  (:func:`reads_ahead`) and, when it reads ahead, aligns both prompts at their first word token
+  instead; CLIP's alignment is the authors' exactly.
 - c_j: every token state (padding included) of each retain prompt, whose projections stay W c_j.
 - λ (``uce_lambda``) 0.5, s_e (``uce_erase_scale``) 1 and s_p (``uce_preserve_scale``) 0.1:
   the authors' script defaults (``lamb=0.5`` in its call, ``--erase_scale 1``,
