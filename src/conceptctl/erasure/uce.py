@@ -98,8 +98,10 @@ class UnifiedConceptEditing:
         the authors' script does by default."""
         return [(erasure.concept, erasure.anchor) for erasure, _ in groups]
 
-    def solve(self, pairs: list[tuple[str, str]], retain: tuple[str, ...]) -> torch.Tensor:
-        """A B⁻¹ (module docstring), (width, width), float64."""
+    def solve(self, pairs: list[tuple[str, str]], retain: tuple[str, ...],
+              from_first: bool = False) -> torch.Tensor:
+        """A B⁻¹ (module docstring), (width, width), float64; ``from_first``: the alignment
+        for a text encoder that reads ahead (:func:`aligned_states`)."""
         from conceptctl.backbones.soft_prompt import PromptEncoder
 
         backbone = self.ctx.backbone
@@ -109,8 +111,6 @@ class UnifiedConceptEditing:
         texts = [text for pair in pairs for text in pair]
         encoder = PromptEncoder(backbone, texts)
         states, mask = encoder().double().cpu(), encoder.mask.cpu()
-        from_first = reads_ahead(backbone)
-        self.figures["aligned_from"] = "first word token" if from_first else "last word token"
         for i in range(len(pairs)):
             c, c_star = aligned_states(states, mask, 2 * i, 2 * i + 1, from_first)
             a += self.erase_scale * c_star.T @ c
@@ -126,9 +126,11 @@ class UnifiedConceptEditing:
     def edit(self, groups, retain: tuple[str, ...]) -> dict:
         """Replace every edited projection W by W A B⁻¹; figures for the manifest."""
         pairs = self.edit_pairs(groups)
-        transform = self.solve(pairs, retain)
+        from_first = reads_ahead(self.ctx.backbone)
+        transform = self.solve(pairs, retain, from_first)
         for p in self.ctx.params.values():
             p.copy_((p.detach().double().cpu() @ transform).to(p))
-        self.figures |= {"edited_prompts": [list(pair) for pair in pairs],
-                         "retain_prompts": len(retain), "tensors": len(self.ctx.params)}
+        self.figures = {"edited_prompts": [list(pair) for pair in pairs],
+                        "retain_prompts": len(retain), "tensors": len(self.ctx.params),
+                        "aligned_from": "first word token" if from_first else "last word token"}
         return self.figures
