@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -72,6 +73,41 @@ def test_the_chain_is_recorded_link_by_link(chain, tiny_sd1):
     with safe_open(str(b / "weights.safetensors"), "pt") as f:
         header = json.loads(f.metadata()["conceptctl"])
     assert header["chain"] == manifest["chain"]
+
+
+def test_a_stacked_run_knows_what_its_base_forgot(chain, tmp_path, cli):
+    """B's settings record the base's concepts, and a third link the whole chain's: what its
+    anchor selector names in no pair and its retain set leaves out."""
+    a, b = chain
+    assert _manifest(b)["hyperparameters"]["erased_before"] == ["church"]
+    _erase(cli, "boat", "--anchor", "tree", "--base", b, "-o", tmp_path / "C")
+    assert _manifest(tmp_path / "C")["hyperparameters"]["erased_before"] == ["church",
+                                                                           "airplane"]
+
+
+def test_a_stacked_toy_run_trains_on_no_pair_naming_what_its_base_forgot():
+    """church on top of a model without Van Gogh: no pair asks for a Van Gogh house (the base
+    draws something else for it: the discriminator would learn that as the real domain), and
+    no retain prompt names Van Gogh. The same run unstacked keeps those pairs."""
+    from conceptctl.erasure.anchors import retain_prompts
+    from conceptctl.erasure.config import plan
+    from conceptctl.registry import get_registry
+    from conceptctl.toy.world import STYLE_WORDS
+
+    selector = get_registry("anchor-selector").get("toy")
+    plain = plan("church", "house", backbone="toy")
+    stacked = replace(plain, erased_before=("Van Gogh",))
+    assert stacked.also_erased() == ("Van Gogh",) and plain.also_erased() == ()
+
+    def gogh(prompts):
+        return [p for p in prompts if any(w.lower() in p.lower() for w in STYLE_WORDS["van-gogh"])]
+
+    alone = selector.build(config=plain, backbone=None)
+    on_base = selector.build(config=stacked, backbone=None)
+    assert gogh(alone.anchor + alone.target)
+    assert on_base.anchor and not gogh(on_base.anchor + on_base.target + on_base.retain)
+    forgotten = [*(e.concept for e in stacked.erasures()), *stacked.erased_before]
+    assert not gogh(retain_prompts(alone, forgotten))
 
 
 def test_applying_a_stacked_artifact_applies_every_link_in_order(chain, tiny_sd1):
@@ -170,8 +206,6 @@ def test_doco_trains_on_the_base_model_and_draws_its_anchors_from_it(tiny_sd1, t
     """DoCo on top of an artifact: the anchor images come from the stacked-on model (another
     cache file than the same run on the original), and the frozen copy it preserves is that
     model too."""
-    from dataclasses import replace
-
     from conceptctl.erasure.run import erase
     from conceptctl.testing import tiny_erase_config
 

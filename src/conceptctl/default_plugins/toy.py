@@ -52,9 +52,8 @@ def _anchor_selector(config, backbone):
     from conceptctl.toy.anchors import toy_anchor_set
 
     count = {} if config.anchor_prompt_count is None else {"count": config.anchor_prompt_count}
-    others = tuple(e.concept for e in config.erasures() if e.concept != config.concept)
     return toy_anchor_set(config.concept, config.anchor, config.concept_type, fallback=count,
-                          also_erased=others)
+                          also_erased=config.also_erased())
 
 
 def _suite(manifest, images_per_prompt, seed):

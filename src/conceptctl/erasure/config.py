@@ -41,6 +41,11 @@ class EraseConfig:
     # Stacking: the artifact folder this run erases on top of (its whole chain applied first);
     # the new artifact records the chain. An absolute path, so a resumed run compares equal.
     base_artifact: str | None = None
+    # Stacking: every concept the base's model has forgotten already (its chain's, then its
+    # own), read from ``base_artifact`` by :func:`complete`, never given. Anchor selectors and
+    # retain sets treat them as the run's other concepts (:meth:`also_erased`): a pair naming one
+    # would train toward pictures the model no longer draws.
+    erased_before: tuple[str, ...] = ()
     method: str = "doco"
     discriminator: str = "patchgan"
     surgery: str = "doco"
@@ -105,7 +110,8 @@ class EraseConfig:
     def as_dict(self) -> dict:
         """The settings as JSON holds them (``concepts`` as lists), so that a record read back
         from a checkpoint or manifest compares equal to the run's own."""
-        return {**asdict(self), "concepts": [list(entry) for entry in self.concepts]}
+        return {**asdict(self), "concepts": [list(entry) for entry in self.concepts],
+                "erased_before": list(self.erased_before)}
 
     def with_overrides(self, **overrides) -> EraseConfig:
         """A copy with every non-None override applied (CLI flags the user gave)."""
@@ -118,7 +124,8 @@ class EraseConfig:
     def is_complete(self) -> bool:
         return all(getattr(self, name) is not None
                    for name in (*RECIPE, "concept_type", "backbone")) and all(
-            kind is not None for _, _, kind in self.concepts)
+            kind is not None for _, _, kind in self.concepts) and (
+            self.base_artifact is None or bool(self.erased_before))
 
     def erasures(self) -> tuple[Erasure, ...]:
         """Every concept the run erases, the first being ``concept``/``anchor``."""
@@ -131,6 +138,13 @@ class EraseConfig:
         an anchor selector or a one-concept helper reads); ``concepts`` still lists them all."""
         return replace(self, concept=erasure.concept, anchor=erasure.anchor,
                        concept_type=erasure.concept_type)
+
+    def also_erased(self) -> tuple[str, ...]:
+        """What the model is to be without besides ``concept``: the run's other concepts, then
+        (stacked) those its base has forgotten already. What an anchor selector names in no
+        pair, and no retain prompt names."""
+        others = (e.concept for e in self.erasures() if e.concept != self.concept)
+        return tuple(dict.fromkeys((*others, *self.erased_before)))
 
 
 # DoCo's SD recipe (the reference code's values): what every preset starts from.
@@ -213,23 +227,28 @@ def complete(cfg: EraseConfig, spec=None) -> EraseConfig:
     from conceptctl.erasure.anchors import guess_type
     from conceptctl.settings import load_settings
 
-    backbone = cfg.backbone or _stacked_backbone(cfg) or load_settings().default_backbone
+    stacked_on, erased_before = _stacked(cfg)
+    backbone = cfg.backbone or stacked_on or load_settings().default_backbone
     spec = spec or resolve_backbone(backbone)  # reads the settings itself
     kind = cfg.concept_type or guess_type(cfg.concept, cfg.anchor)
     concepts = tuple((c, a, t or guess_type(c, a)) for c, a, t in cfg.concepts)
     # Several concepts of several types: the first one's preset (the run has one recipe).
     recipe = preset(kind, cfg.batch_size, cfg.method, spec.erase_presets)
     return replace(cfg, backbone=backbone, concept_type=kind, concepts=concepts,
+                   erased_before=erased_before,
                    **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
 
 
-def _stacked_backbone(cfg: EraseConfig) -> str | None:
-    """The backbone the --base artifact's chain starts from (None without --base)."""
+def _stacked(cfg: EraseConfig) -> tuple[str | None, tuple[str, ...]]:
+    """The backbone the --base artifact's chain starts from and every concept its model has
+    forgotten (None and none without --base)."""
     if cfg.base_artifact is None:
-        return None
-    from conceptctl.erasure.artifact import read_stack_base
+        return None, ()
+    from conceptctl.erasure.artifact import all_concepts, read_stack_base
 
-    return read_stack_base(cfg.base_artifact).original_base["name"]
+    base = read_stack_base(cfg.base_artifact)
+    return (base.original_base["name"],
+            tuple(dict.fromkeys(c["concept"] for c in all_concepts(base.manifest))))
 
 
 def plan(concept: str | list[Erasure], anchor: str | None = None, backbone: str | None = None,

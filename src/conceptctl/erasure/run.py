@@ -407,7 +407,8 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     selector, groups = _anchor_prompts(cfg, backbone, report, notes)
     anchors = merge_anchor_sets([group for _, group in groups])
     closed_form = _closed_form(cfg.method)
-    retain = retain_prompts(anchors, [e.concept for e in cfg.erasures()], cfg.retain_prompts) \
+    forgotten = [*(e.concept for e in cfg.erasures()), *cfg.erased_before]
+    retain = retain_prompts(anchors, forgotten, cfg.retain_prompts) \
         if cfg.adversarial or closed_form else ()
     # One sampling per erasure, each as its own one-concept run draws it (so its cache serves
     # both); erasures sharing an anchor and its prompts share the images.

@@ -24,7 +24,8 @@ def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
                    also_erased: tuple[str, ...] = ()) -> AnchorSet:
     """Paired toy captions; ``per_pair`` captions for each (object or style, colour) pair.
     For a concept the toy never learned: the built-in templates (``fallback``: their options).
-    ``also_erased``: the run's other concepts, named by no pair and kept out of the retain set."""
+    ``also_erased``: the run's other concepts and those its --base has forgotten, named by no
+    pair and kept out of the retain set."""
     found_concept, found_anchor = axis_of(concept), axis_of(anchor)
     if found_concept is None or found_anchor is None or found_concept[0] != found_anchor[0]:
         missing = concept if found_concept is None else anchor
@@ -38,10 +39,11 @@ def toy_anchor_set(concept: str, anchor: str, kind: str, per_pair: int = 2,
     rng = random.Random(seed)
     anchors, targets = [], []
     erased = [(axis, target_value)] + [found for found in map(axis_of, also_erased) if found]
-    # Several concepts in one run: no pair names another erased concept on the other axis.
-    # "a painting of a church" is an anchor image of Van Gogh -> painting, so with church erased
-    # too the discriminator would learn churches as the real domain (and church -> house's
-    # "a house in the style of Van Gogh" teaches it Van Gogh): each erasure undid the other.
+    # Several concepts in one run, or a stacked run: no pair names another erased concept on the
+    # other axis. "a painting of a church" is an anchor image of Van Gogh -> painting, so with
+    # church erased too the discriminator would learn churches as the real domain (and church ->
+    # house's "a house in the style of Van Gogh" teaches it Van Gogh): each erasure undid the
+    # other. On a base without Van Gogh, that pair trains on what the base draws instead.
     other_axis = "object" if axis == "style" else "style"
     others = [o for o in (OBJECTS if axis == "style" else STYLES)
               if (other_axis, o) not in erased]
