@@ -40,10 +40,15 @@ class SampleSettings:
     steps: int | None = None  # None: the backbone's default (SD: 30)
     guidance: float | None = None  # None: the backbone's default (SD: 7.5)
     negative_prompt: str | None = None
-    resolution: int | None = None  # None: the backbone's native resolution
+    # The picture's side, or (height, width) for a non-square one; None: the backbone's native
+    # square.
+    resolution: int | tuple[int, int] | None = None
     batch_size: int = 8
     # One seed per prompt (evaluation files give each case its own); None: ``seed`` for all.
     prompt_seeds: tuple[int, ...] | None = None
+    # One guidance per prompt (evaluation files may give each case its own; a None entry takes
+    # ``guidance``); None: ``guidance`` for all. Prompts of equal guidance share batches.
+    prompt_guidances: tuple[float | None, ...] | None = None
     # A sampler of SAMPLERS used instead of the backbone's own scheduler; None: the backbone's.
     sampler: str | None = None
 
@@ -67,35 +72,38 @@ class SampleSettings:
             raise UsageError(f"unknown sampler {self.sampler!r}",
                              hint=f"known: {', '.join(SAMPLERS)}; leave it out for the "
                              "backbone's own")
-        # NaN fails every comparison (Typer reads 'nan' as a number); inf would draw NaN images.
-        if self.guidance is not None and not (0 <= self.guidance < math.inf):
-            raise UsageError(f"guidance must be a finite number, 0 or more, not {self.guidance}",
-                             hint="1 or less disables guidance; leave it out for the backbone's "
-                             "default")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+        check_guidance(self.guidance)
+        if self.prompt_guidances is not None:
+            if len(self.prompt_guidances) != len(self.prompts):
+                raise UsageError("give one guidance per prompt")
+            for guidance in self.prompt_guidances:
+                check_guidance(guidance)
+        if self.resolution is not None and any(side < 8 or side % 8
+                                               for side in sides(self.resolution)):
             raise UsageError("resolution must be a positive multiple of 8")
-
 
     def check_sizes(self, native: int, pictures: bool = False) -> None:
         """Refuse sizes that would exhaust memory, before anything is allocated. The limits
         scale with the backbone's ``native`` side; ``pictures``: every picture is held in memory
         (for the grid) until written."""
-        side = self.resolution or native
+        height, width = sides(self.resolution or native)
+        side = max(height, width)
+        shown = f"{side}" if height == width else f"{height}x{width}"
         limit = MAX_RESOLUTION_SCALE * native
         if side > limit:
-            raise UsageError(f"resolution {side} is above this backbone's limit of {limit} px "
+            raise UsageError(f"resolution {shown} is above this backbone's limit of {limit} px "
                              f"({MAX_RESOLUTION_SCALE}x its native {native} px)",
                              hint=f"use --resolution {native} (native) or at most {limit}")
-        max_batch = max(1, MAX_BATCH_AT_NATIVE * native**2 // side**2)
+        max_batch = max(1, MAX_BATCH_AT_NATIVE * native**2 // (height * width))
         if self.batch_size > max_batch:
             raise UsageError(f"batch size {self.batch_size} is above this backbone's limit of "
-                             f"{max_batch} images per batch at {side} px",
+                             f"{max_batch} images per batch at {shown} px",
                              hint=f"use --batch-size {max_batch} or less: a smaller batch draws "
                              "the same images, only more slowly")
         count = len(self.prompts) * self.images_per_prompt
-        held = count * side * side * 3 * 2  # the pictures, and the grid that shows them all
+        held = count * height * width * 3 * 2  # the pictures, and the grid showing them all
         if pictures and held > MAX_PICTURE_BYTES:
-            raise UsageError(f"{count} pictures of {side} px would take {held / 2**30:.0f} GiB of "
+            raise UsageError(f"{count} pictures of {shown} px would take {held / 2**30:.0f} GiB of "
                              f"memory; the limit is {MAX_PICTURE_BYTES // 2**30} GiB",
                              hint="draw fewer images per prompt (-n) or fewer prompts per call")
 
@@ -109,6 +117,23 @@ class SampleSettings:
                 spec.sample_guidance if spec.sample_guidance is not None else DEFAULT_GUIDANCE),
             resolution=self.resolution or backbone.resolution,
         )
+
+
+def check_guidance(guidance: float | None) -> None:
+    """Refuse a guidance scale the pipeline would misuse (None: the default, fine)."""
+    # NaN fails every comparison (Typer reads 'nan' as a number); inf would draw NaN images.
+    if guidance is not None and not (0 <= guidance < math.inf):
+        raise UsageError(f"guidance must be a finite number, 0 or more, not {guidance}",
+                         hint="1 or less disables guidance; leave it out for the backbone's "
+                         "default")
+
+
+def sides(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a resolution given as one side or as (height, width)."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    height, width = resolution
+    return int(height), int(width)
 
 
 DEFAULT_STEPS = 30
@@ -164,11 +189,14 @@ class SampledImage:
     image: Image.Image
 
 
-def initial_noise(backbone: Backbone, seeds: list[int], size: int):
+def initial_noise(backbone: Backbone, seeds: list[int], size: int | tuple[int, int]):
+    """The starting latents of pictures of ``size`` (a side, or (height, width)), one CPU
+    generator per seed."""
     import torch
 
-    side = size // backbone.vae_scale_factor
-    shape = (backbone.latent_channels, side, side)
+    height, width = sides(size)
+    factor = backbone.vae_scale_factor
+    shape = (backbone.latent_channels, height // factor, width // factor)
     noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
     return torch.stack(noise).to(device=backbone.device, dtype=backbone.dtype)
 
@@ -181,11 +209,13 @@ def _denoise_batches(
     rows: slice | None = None,
 ) -> Iterator[tuple[list[tuple[int, str, int, int]], Any]]:
     """Run the pipeline batch by batch; yield (jobs, outputs) with jobs = (prompt index, prompt,
-    image index, seed). ``rows`` keeps only that part of the job list (one process's share)."""
+    image index, seed). ``rows`` keeps only that part of the job list (one process's share).
+    With ``prompt_guidances``, the jobs of each guidance (in order of first use) are batched
+    together, each group in job order; otherwise the batches follow the job order."""
     settings.check()
     settings.check_sizes(backbone.resolution, pictures=output_type == "pil")
     settings = settings.for_backbone(backbone)
-    size = settings.resolution
+    height, width = sides(settings.resolution)
     jobs = [
         (p, prompt, k, (settings.prompt_seeds[p] if settings.prompt_seeds else settings.seed) + k)
         for p, prompt in enumerate(settings.prompts)
@@ -193,8 +223,15 @@ def _denoise_batches(
     ]
     if rows is not None:
         jobs = jobs[rows]
-    for start in range(0, len(jobs), settings.batch_size):
-        batch = jobs[start : start + settings.batch_size]
+    # One pipeline call takes one guidance scale: a batch holds pictures of one guidance.
+    groups: dict[float, list] = {}
+    for job in jobs:
+        own = settings.prompt_guidances[job[0]] if settings.prompt_guidances else None
+        groups.setdefault(settings.guidance if own is None else own, []).append(job)
+    batches = [(guidance, group[start : start + settings.batch_size])
+               for guidance, group in groups.items()
+               for start in range(0, len(group), settings.batch_size)]
+    for guidance, batch in batches:
 
         def step_done(pipe: Any, step: int, timestep: Any, kwargs: dict, n=len(batch)) -> dict:
             if on_step is not None:
@@ -207,11 +244,11 @@ def _denoise_batches(
             result = backbone.pipeline(
                 prompt=[job[1] for job in batch],
                 negative_prompt=[negative] * len(batch) if negative else None,
-                latents=initial_noise(backbone, [job[3] for job in batch], size),
-                height=size,
-                width=size,
+                latents=initial_noise(backbone, [job[3] for job in batch], (height, width)),
+                height=height,
+                width=width,
                 num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
+                guidance_scale=guidance,
                 output_type=output_type,
                 callback_on_step_end=step_done,
             )
@@ -223,7 +260,8 @@ def sample_images(
     settings: SampleSettings,
     on_step: Callable[[int], None] | None = None,
 ) -> Iterator[SampledImage]:
-    """Yield every image, prompt by prompt. ``on_step(n)`` reports n more image-steps done."""
+    """Yield every image, prompt by prompt (with ``prompt_guidances``: guidance by guidance,
+    then prompt by prompt). ``on_step(n)`` reports n more image-steps done."""
     for batch, images in _denoise_batches(backbone, settings, "pil", on_step):
         for (p, prompt, k, seed), image in zip(batch, images, strict=True):
             yield SampledImage(p, prompt, k, seed, image)
@@ -240,8 +278,12 @@ def sample_latents(
     ``rows``: only those images of that order (a process's share in a data-parallel run)."""
     import torch
 
-    return torch.cat([latents for _, latents in
-                      _denoise_batches(backbone, settings, "latent", on_step, rows)])
+    done = [(job[0], job[2], latent) for batch, latents in
+            _denoise_batches(backbone, settings, "latent", on_step, rows)
+            for job, latent in zip(batch, latents, strict=True)]
+    # Batches grouped by guidance come out of order; (prompt, image) is the job order.
+    done.sort(key=lambda item: item[:2])
+    return torch.stack([latent for _, _, latent in done])
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -35,7 +35,7 @@ def backbone_digest(backbone) -> str:
 def cache_key(digest: str, settings: SampleSettings) -> str:
     fields = asdict(settings)
     # Fields added later are left out while unset, so keys of older caches stay valid.
-    for name in ("prompt_seeds", "sampler"):
+    for name in ("prompt_seeds", "sampler", "prompt_guidances"):
         if fields.get(name) is None:
             fields.pop(name, None)
     blob = json.dumps({"format": CACHE_FORMAT, "backbone": digest, "settings": fields},
