@@ -21,7 +21,7 @@ SourceFormat = Literal["diffusers", "single-file"]
 # The spec fields an exported diffusers folder carries over from its base (its conceptctl.json
 # 'backbone_defaults'), so that `--backbone FOLDER` samples, erases and judges as the base does.
 FOLDER_DEFAULTS = ("family", "sample_steps", "sample_guidance", "anchor_selector", "detector",
-                   "eval_suite", "erase_presets")
+                   "eval_suite", "erase_presets", "fixed_resolution")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class BackboneSpec:
     description: str = ""
     family: str = ""
     resolution: int | None = None
+    # True: the model draws only at its native resolution (the toy world, made at 64 px), so the
+    # picture sizes a prompt file asks for are not honoured; False: any multiple of 8 up to
+    # sampling.MAX_RESOLUTION_SCALE times the native side.
+    fixed_resolution: bool = False
     prediction_type: str | None = None
     text_width: int | None = None
     loader: Callable[[BackboneSpec, LoadOptions], Backbone] | None = None

@@ -24,6 +24,7 @@ TOY = BackboneSpec(
     description="Embedded toy world: 6 objects x 4 styles x 5 colours at 64 px (offline)",
     family="toy",
     resolution=64,
+    fixed_resolution=True,  # its world and its judge are 64 px pictures
     prediction_type="epsilon",
     text_width=384,
     loader=load_toy,
