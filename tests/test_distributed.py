@@ -149,9 +149,11 @@ def test_two_processes_evaluate_what_one_process_evaluates(cli, tiny_sd1, tmp_pa
     art = tmp_path / "art"
     erase(tiny_erase_config(tiny_sd1, steps=2), art)
     prompts = tmp_path / "prompts.csv"
-    prompts.write_text("prompt,evaluation_seed,case_number,group\n"
-                       "a church,1,0,target\na church by a lake,2,1,target\n"
-                       "a red church,3,2,target\na house,4,3,anchor\na tree,5,4,general\n")
+    # Rows of two guidance scales (and one of the run's): each process batches its share by
+    # guidance, the attacks draw each case with its own.
+    prompts.write_text("prompt,evaluation_seed,case_number,group,evaluation_guidance\n"
+                       "a church,1,0,target,7\na church by a lake,2,1,target,3\n"
+                       "a red church,3,2,target,7\na house,4,3,anchor,\na tree,5,4,general,3\n")
     args = ["eval", str(art), "--prompts", str(prompts), "--steps", "2", "-n", "1",
             "--batch-size", "2", "--attack-cases", "3", "--attacks", "embedding,paraphrase",
             "--json"]

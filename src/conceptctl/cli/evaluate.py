@@ -54,8 +54,13 @@ def evaluate(
         "--compare", help="Several artifacts: one side-by-side table (and compare.json/html).")
     ] = False,
     prompts: Annotated[Path | None, typer.Option(
-        "--prompts", help="CSV prompt file: prompt,evaluation_seed,case_number [,group, "
-        "expect_AXIS, ...] (default: the backbone's built-in suite).", dir_okay=False,
+        "--prompts", help="CSV prompt file as ESD and I2P publish them: prompt, "
+        "evaluation_seed or sd_seed [, case_number, evaluation_guidance or sd_guidance_scale, "
+        "sd_image_width, sd_image_height, group, expect_AXIS, ...] (default: the backbone's "
+        "built-in suite).", dir_okay=False, show_default=False)] = None,
+    group: Annotated[str | None, typer.Option(
+        "--group", help="Group of every row of a --prompts file without a group column "
+        "(target, target-oos, anchor, hard-negative, general; default: target).",
         show_default=False)] = None,
     suite: Annotated[str | None, typer.Option(
         help="Built-in suite (default: the backbone's, else 'templates').",
@@ -84,7 +89,8 @@ def evaluate(
     steps: Annotated[int | None, typer.Option(
         help="Sampling steps (backbone default).", min=1, show_default=False)] = None,
     guidance: Annotated[float | None, typer.Option(
-        help="Guidance scale (backbone default).", show_default=False)] = None,
+        help="Guidance scale (backbone default); CSV rows with their own keep it.",
+        show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Pictures per sampling batch.", min=1)] = 32,
     backbone: options.Backbone = None,
     force: Annotated[bool, typer.Option(
@@ -112,7 +118,7 @@ def evaluate(
         raise UsageError("several artifacts need --compare",
                          hint="conceptctl evaluate A B C --compare")
     opts = EvalOptions(
-        prompts=prompts, suite=suite, detector=detector,
+        prompts=prompts, group=group, suite=suite, detector=detector,
         detector_options=_key_values(detector_option or [], "--detector-option",
                                      "threshold=0.6"),
         metrics=_names(metrics),

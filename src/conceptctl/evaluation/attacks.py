@@ -117,6 +117,7 @@ class EmbeddingAttack:
         unet.requires_grad_(False)
         latents = goal.flatten(0, 1).to(backbone.device, backbone.dtype)  # (cases*k, C, h, w)
         seeds = [c.seed for _, c in chosen]
+        guidances = [c.guidance for _, c in chosen]  # a prompt file row's own, if it has one
         along = []  # (steps, pictures of every case) at each budget of the sweep
         budgets = set(self.budgets())
         for step in range(1, self.steps + 1):
@@ -139,7 +140,7 @@ class EmbeddingAttack:
                 if run.dist.world > 1:  # GPUs may differ in the last bits: the main's prompts
                     run.dist.broadcast_([states])
                 along.append((step, draw_embeddings(backbone, states, seeds, run.draw,
-                                                    dist=run.dist).images))
+                                                    dist=run.dist, guidances=guidances).images))
         attempts = []
         for j, (_, case) in enumerate(chosen):
             mine = [(steps, images[j * k : (j + 1) * k]) for steps, images in along]
@@ -170,8 +171,8 @@ class ParaphraseAttack:
             variants += [(j, text) for text in options[: self.per_case]]
         if not variants:
             return []
-        cases = [Case(text, chosen[j][1].seed, n, "attack") for n, (j, text) in
-                 enumerate(variants)]
+        cases = [Case(text, chosen[j][1].seed, n, "attack", guidance=chosen[j][1].guidance)
+                 for n, (j, text) in enumerate(variants)]
         drawn: Drawn = draw_cases(run.erased_model, cases, run.draw, dist=run.dist)
         k = run.suite.images_per_prompt
         attempts = []

@@ -1,5 +1,7 @@
-"""Evaluation prompt cases and suites, and the common CSV layout ``prompt,evaluation_seed,
-case_number`` (ESD, UnlearnDiffAtk and most peers ship their prompt files in it).
+"""Evaluation prompt cases and suites, and the CSV prompt files peers publish: ``prompt`` and
+a seed per row, in ESD's layout (``evaluation_seed``, optional ``case_number`` and
+``evaluation_guidance``: coco_30k, unsafe-prompts, the art files; UnlearnDiffAtk's too) or I2P's
+(``sd_seed``, ``sd_guidance_scale``, ``sd_image_width``/``sd_image_height``).
 
 A case is one prompt drawn with fixed seeds by both the original and the erased model. Its group
 says what the case tests:
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +28,12 @@ from conceptctl.errors import UsageError
 GROUPS = ("target", "target-oos", "anchor", "hard-negative", "general")
 TARGET_GROUPS = ("target", "target-oos")
 PASS_THRESHOLD = 0.9  # the verdict's bar for erasure success and preservation
-REQUIRED_COLUMNS = ("prompt", "evaluation_seed", "case_number")
+# What a prompt file's columns give, each under the names the published files use (ESD's first,
+# then I2P's). A file may use either name, not both.
+SEED_COLUMNS = ("evaluation_seed", "sd_seed")
+GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale")
+WIDTH_COLUMNS = ("sd_image_width",)
+HEIGHT_COLUMNS = ("sd_image_height",)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,8 @@ class Case:
     # unknown. Preservation compares the detector's reading with it.
     expect: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # other CSV columns, kept as given
+    guidance: float | None = None  # the row's own guidance scale; None: the run's
+    size: tuple[int, int] | None = None  # the (height, width) the row asks for; None: any
 
 
 @dataclass(frozen=True)
@@ -58,11 +69,22 @@ class Suite:
         return [g for g in GROUPS if g in present] + sorted(present - set(GROUPS))
 
 
-def read_prompt_csv(path: Path, images_per_prompt: int) -> Suite:
-    """Cases from a CSV with at least ``prompt,evaluation_seed,case_number``. Optional columns:
-    ``group`` (default ``target``) and ``expect_AXIS`` (e.g. ``expect_style``); every other
-    column is kept in the case's ``extra``. Errors name the file and line."""
+def read_prompt_csv(path: Path, images_per_prompt: int, group: str | None = None) -> Suite:
+    """Cases from a peer's CSV prompt file, read as published. Columns (any order):
+
+    ``prompt``                                  required
+    ``evaluation_seed`` or ``sd_seed``          required: picture k starts from seed + k
+    ``case_number``                             default: the row's place, 0 for the first
+    ``evaluation_guidance`` or ``sd_guidance_scale``   the row's guidance scale
+    ``sd_image_width`` and ``sd_image_height``  the picture size the row asks for
+    ``group``                                   default ``group`` (argument), else ``target``
+    ``expect_AXIS``                             what the picture should show (e.g. expect_style)
+
+    Every other column is kept in the case's ``extra``. ``group`` labels every row of a file
+    without a group column. Errors name the file and line."""
     path = Path(path)
+    if group is not None and group not in GROUPS:
+        raise UsageError(f"unknown group {group!r}", hint=f"use one of {', '.join(GROUPS)}")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -71,17 +93,33 @@ def read_prompt_csv(path: Path, images_per_prompt: int) -> Suite:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not UTF-8 text", hint="save the CSV as UTF-8") from None
-    reader = csv.DictReader(text.splitlines())
+    # csv reads the file itself, not its lines: a quoted prompt may hold a line break (coco_30k
+    # has one), and line_num then still counts the file's lines.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     header = reader.fieldnames or []
     twice = sorted({c for c in header if header.count(c) > 1})
     if twice:  # csv.DictReader would silently keep the last one
         raise UsageError(f"{path}:1: column(s) {', '.join(twice)} appear more than once",
                          hint="keep one column of each name")
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise UsageError(f"{path}:1: missing column(s) {', '.join(missing)}",
-                         hint="the header must name prompt,evaluation_seed,case_number")
-    cases = []
+    if "prompt" not in header:
+        raise UsageError(f"{path}:1: missing column(s) prompt",
+                         hint="the header must name prompt and evaluation_seed (or sd_seed)")
+    seed_column = _column(path, header, SEED_COLUMNS)
+    if seed_column is None:
+        raise UsageError(f"{path}:1: missing column(s) evaluation_seed (or sd_seed)",
+                         hint="the header must name prompt and evaluation_seed (or sd_seed)")
+    guidance_column = _column(path, header, GUIDANCE_COLUMNS)
+    width_column = _column(path, header, WIDTH_COLUMNS)
+    height_column = _column(path, header, HEIGHT_COLUMNS)
+    if (width_column is None) != (height_column is None):
+        raise UsageError(f"{path}:1: give both sd_image_width and sd_image_height, or neither")
+    if group is not None and "group" in header:
+        raise UsageError(f"--group {group} given but {path} has a group column of its own",
+                         hint="leave out --group, or the file's group column")
+    used = {"prompt", seed_column, guidance_column, width_column, height_column,
+            "case_number", "group"}
+    cases: list[Case] = []
+    numbered: dict[int, int] = {}  # case number -> the line that used it first
     for row in reader:
         line = reader.line_num
         if None in row or any(v is None for v in row.values()):
@@ -90,23 +128,69 @@ def read_prompt_csv(path: Path, images_per_prompt: int) -> Suite:
         prompt = row["prompt"].strip()
         if not prompt:
             raise UsageError(f"{path}:{line}: empty prompt")
-        seed = _int(path, line, "evaluation_seed", row["evaluation_seed"])
+        seed = _int(path, line, seed_column, row[seed_column])
         if not 0 <= seed < 2**63:
-            raise UsageError(f"{path}:{line}: evaluation_seed must be between 0 and 2**63 - 1")
-        number = _int(path, line, "case_number", row["case_number"])
-        group = (row.get("group") or "target").strip()
-        if group not in GROUPS:
-            raise UsageError(f"{path}:{line}: unknown group {group!r}; use {', '.join(GROUPS)}")
+            raise UsageError(f"{path}:{line}: {seed_column} must be between 0 and 2**63 - 1")
+        number = (_int(path, line, "case_number", row["case_number"])
+                  if "case_number" in header else len(cases))
+        if number in numbered:  # its pictures would take the other case's file names
+            raise UsageError(f"{path}:{line}: case_number {number} is already used on line "
+                             f"{numbered[number]}", hint="give every row its own case_number")
+        numbered[number] = line
+        row_group = (row.get("group") or group or "target").strip()
+        if row_group not in GROUPS:
+            raise UsageError(f"{path}:{line}: unknown group {row_group!r}; use "
+                             f"{', '.join(GROUPS)}")
+        guidance = (_guidance(path, line, guidance_column, row[guidance_column])
+                    if guidance_column else None)
+        size = (_size(path, line, row[height_column], row[width_column])
+                if width_column else None)
         expect = {k[len("expect_"):]: v.strip() for k, v in row.items()
                   if k.startswith("expect_") and v.strip()}
-        extra = {k: v for k, v in row.items()
-                 if k not in (*REQUIRED_COLUMNS, "group") and not k.startswith("expect_")}
-        cases.append(Case(prompt, seed, number, group, expect, extra))
+        extra = {k: v for k, v in row.items() if k not in used and not k.startswith("expect_")}
+        cases.append(Case(prompt, seed, number, row_group, expect, extra, guidance, size))
     if not cases:
         raise UsageError(f"{path} has a header but no prompts")
     return Suite(name=f"file:{path.name}", cases=tuple(cases),
                  images_per_prompt=images_per_prompt,
                  source={"path": str(path), "sha256": hashlib.sha256(raw).hexdigest()})
+
+
+def _column(path: Path, header: list[str], names: tuple[str, ...]) -> str | None:
+    """The one column of ``header`` among ``names`` (the same value's aliases); None if none."""
+    present = [n for n in names if n in header]
+    if len(present) > 1:
+        raise UsageError(f"{path}:1: columns {' and '.join(present)} give the same value",
+                         hint=f"keep one of them ({present[0]})")
+    return present[0] if present else None
+
+
+def _guidance(path: Path, line: int, column: str, value: str) -> float | None:
+    """A row's guidance scale; an empty cell: none of its own."""
+    if not value.strip():
+        return None
+    try:
+        guidance = float(value.strip())
+    except ValueError:
+        guidance = math.nan
+    if not 0 <= guidance < math.inf:  # NaN and inf included
+        raise UsageError(f"{path}:{line}: {column} must be a finite number, 0 or more, "
+                         f"got {value!r}")
+    return guidance
+
+
+def _size(path: Path, line: int, height: str, width: str) -> tuple[int, int] | None:
+    """A row's (height, width); both cells empty: no size of its own."""
+    if not height.strip() and not width.strip():
+        return None
+    sides = (_int(path, line, "sd_image_height", height),
+             _int(path, line, "sd_image_width", width))
+    for column, side in zip(("sd_image_height", "sd_image_width"), sides, strict=True):
+        # The pipeline's VAE and UNet halve the picture three times: SD needs multiples of 8.
+        if side < 8 or side % 8:
+            raise UsageError(f"{path}:{line}: {column} must be a positive multiple of 8, "
+                             f"got {side}")
+    return sides
 
 
 def _int(path: Path, line: int, column: str, value: str) -> int:

@@ -44,6 +44,7 @@ def write_report(out_dir: Path, evaluation, overwrite: bool = False) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
             entry = {"group": case.group, "case_number": case.case_number,
                      "prompt": case.prompt, "seed": case.seed + j, "index": j,
+                     "guidance": run.draw.guidance if case.guidance is None else case.guidance,
                      "expect": case.expect}
             for model, judged in (("original", run.original), ("erased", run.erased)):
                 name = image_name(case, j, model)

@@ -18,9 +18,9 @@ import torch
 
 from conceptctl.erasure.distributed import ProcessGroup, SingleProcess
 from conceptctl.errors import ConceptctlError, UsageError
-from conceptctl.evaluation.cases import PASS_THRESHOLD, Case, Suite, read_prompt_csv
+from conceptctl.evaluation.cases import GROUPS, PASS_THRESHOLD, Case, Suite, read_prompt_csv
 from conceptctl.evaluation.detectors import DETECTOR_CONTEXT
-from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases
+from conceptctl.evaluation.generate import Drawn, DrawSettings, draw_cases, picture_size
 from conceptctl.fingerprint import file_sha256
 from conceptctl.registry import get_registry
 from conceptctl.sampling import SampleSettings
@@ -31,6 +31,7 @@ DEFAULT_ATTACKS = ("embedding", "paraphrase")
 @dataclass
 class EvalOptions:
     prompts: Path | None = None  # a CSV; None: the backbone's built-in suite
+    group: str | None = None  # the group of every row of a prompt file without a group column
     suite: str | None = None
     detector: str | None = None
     # --detector-option KEY=VALUE pairs, handed to the detector's factory as strings.
@@ -125,6 +126,12 @@ def check_options(opts: EvalOptions) -> None:
         get_registry("suite").entry(opts.suite)
     if opts.prompts is not None and opts.suite:
         raise UsageError("give --prompts or --suite, not both")
+    if opts.group is not None:
+        if opts.prompts is None:
+            raise UsageError("--group labels the rows of a prompt file: give --prompts too")
+        if opts.group not in GROUPS:
+            raise UsageError(f"unknown group {opts.group!r}",
+                             hint=f"use one of {', '.join(GROUPS)}")
 
 
 class OriginalCache:
@@ -166,7 +173,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
     dist, device = distributed.setup(resolve_device(opts.device or load_settings().device))
     report = (reporter or EvalReporter()) if dist.is_main else EvalReporter()
     # A malformed prompt file fails before any model is loaded.
-    file_suite = (read_prompt_csv(opts.prompts, opts.images_per_prompt)
+    file_suite = (read_prompt_csv(opts.prompts, opts.images_per_prompt, opts.group)
                   if opts.prompts is not None else None)
     artifact = read_artifact(artifact_dir)
     manifest = artifact.manifest
@@ -177,6 +184,12 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
     for note in notes:
         report.message(f"warning: {note}")
     spec = erased_model.spec
+    # What a prompt file's rows ask for that is not used as given, said once.
+    size, file_notes = None, []
+    if file_suite is not None:
+        size, file_notes = _file_settings(file_suite, erased_model, opts)
+    for note in file_notes:
+        report.message(f"warning: {note}")
 
     # An artifact of several concepts is evaluated concept by concept (its own suite, judge,
     # metrics and attacks each), all on the one erased model; a prompt file is one suite.
@@ -191,7 +204,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
         defaults = SampleSettings(prompts=("x",), steps=opts.steps,
                                   guidance=opts.guidance).for_backbone(erased_model)
         draw = DrawSettings(opts.images_per_prompt, defaults.steps, defaults.guidance,
-                            opts.batch_size)
+                            opts.batch_size, size)
         if len(views) > 1:
             report.message(f"concept {view['concept']!r}")
         t0 = time.time()
@@ -217,6 +230,7 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
 
     run, scores, attacks = parts[0]
     result = _record(artifact_dir, run, backbone_name, notes, scores, attacks, opts)
+    result["suite"]["notes"] = file_notes
     if len(parts) > 1:
         result["concepts"] = [_concept_record(*part) for part in parts]
         result["verdict"] = combined_verdict(result["concepts"])
@@ -331,6 +345,9 @@ def _record(artifact_dir: Path, run: EvalRun, backbone_name: str, notes: list[st
                   "groups": {g: len(suite.group(g)) for g in suite.groups()},
                   "images_per_prompt": suite.images_per_prompt},
         "draw": {"steps": draw.steps, "guidance": draw.guidance,
+                 # Cases drawn with their row's guidance instead of the one above.
+                 "cases_with_own_guidance": sum(c.guidance is not None for c in suite.cases),
+                 "size": list(draw.size or (run.erased_model.resolution,) * 2),
                  "images_per_prompt": draw.images_per_prompt, "seed_rule": "case seed + k"},
         "detector": detector.info() if detector else None,
         "metrics": [s.as_dict() for s in scores],
@@ -340,6 +357,22 @@ def _record(artifact_dir: Path, run: EvalRun, backbone_name: str, notes: list[st
         "options": {k: (str(v) if isinstance(v, Path) else v)
                     for k, v in vars(opts).items()},
     }
+
+
+def _file_settings(suite: Suite, model, opts: EvalOptions) -> tuple[tuple[int, int] | None,
+                                                                     list[str]]:
+    """The size a prompt file's pictures are drawn at, and the notes on what its rows ask for
+    that is not used as given: sizes the backbone cannot draw, and ``--guidance`` where rows
+    carry their own."""
+    source = Path(suite.source["path"]).name
+    size, note = picture_size(suite.cases, model, source)
+    notes = [note] if note else []
+    own = sum(c.guidance is not None for c in suite.cases)
+    if own and opts.guidance is not None:
+        notes.append(f"{source}: {own} of {len(suite.cases)} rows give their own guidance, "
+                     f"which they are drawn with; --guidance {opts.guidance:g} applies to the "
+                     "others")
+    return size, notes
 
 
 def _suite(opts: EvalOptions, spec, manifest: dict) -> Suite:
@@ -545,6 +578,6 @@ def _original_key(manifest: dict, backbone: str, suite: Suite, draw: DrawSetting
     import json
 
     blob = json.dumps({"base": manifest["base"]["tensors_digest"], "backbone": backbone,
-                       "cases": [(c.prompt, c.seed) for c in suite.cases],
+                       "cases": [(c.prompt, c.seed, c.guidance) for c in suite.cases],
                        "draw": vars(draw)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -126,7 +126,7 @@ class UnlearnDiffAttack:
             state.optimise(active, t, self.steps)
             words = state.words(active)
             attacked = [f"{words[n]} {chosen[j][1].prompt}" for n, j in enumerate(active)]
-            cases = [Case(text, chosen[j][1].seed, n, "attack")
+            cases = [Case(text, chosen[j][1].seed, n, "attack", guidance=chosen[j][1].guidance)
                      for n, (j, text) in enumerate(zip(active, attacked, strict=True))]
             images = draw_cases(run.erased_model, cases, draw, dist=run.dist).images
             shown = self._shown(run, images)
