@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 
 from conceptctl.backbones.loading import open_backbone
 from conceptctl.erasure.artifact import apply_artifact, read_artifact
@@ -81,8 +82,10 @@ def test_toy_lora_and_delta_reproduce_the_erased_model(toy_artifact, tmp_path):
     report = export_artifact(toy_artifact, "lora", lora, options={"rank": "1000"}).report
     assert report["overall_error"] < 1e-6
     base = open_backbone("toy", device="cpu", dtype="float32").pipeline
-    base.load_lora_weights(str(lora))
+    base.load_lora_weights(str(lora))  # kohya names, the default
     np.testing.assert_allclose(_draw(base), expected, atol=1e-4)
+    with safe_open(str(lora), "pt") as f:  # no SD 1.x / 2.x base for kohya's entries to name
+        assert [k for k in f.metadata() if k.startswith(("ss_", "sshs_", "modelspec."))] == []
 
     delta = tmp_path / "toy.delta.safetensors"
     export_artifact(toy_artifact, "delta", delta)

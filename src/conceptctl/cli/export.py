@@ -29,8 +29,9 @@ def export(
         "--max-error", help="lora with --rank auto: largest relative error of each layer's "
         "change (default 0.01).", show_default=False)] = None,
     lora_format: Annotated[str | None, typer.Option(
-        "--lora-format", help="lora: 'diffusers' (peft names, load_lora_weights; default) or "
-        "'kohya' (Automatic1111, ComfyUI).", show_default=False)] = None,
+        "--lora-format", help="lora: 'kohya' (default; loads in Automatic1111, ComfyUI, kohya's "
+        "scripts and diffusers) or 'diffusers' (peft names: diffusers' load_lora_weights only; "
+        "Automatic1111 and ComfyUI skip its UNet layers).", show_default=False)] = None,
     backbone: Annotated[str | None, typer.Option(
         "--backbone", "-b", help="The base to apply the artifact to (default: the artifact's "
         "own base; its tensors must hash as recorded).", show_default=False)] = None,

@@ -40,8 +40,8 @@ def _delta(job, out):
 def register_exporters(register):
     register(Exporter("diffusers", _diffusers, "full pipeline folder for from_pretrained, with "
                       "a model card", writes="folder"))
-    register(Exporter("lora", _lora, "the weight change as a LoRA (truncated SVD), diffusers or "
-                      "kohya naming", options=("rank", "max_error", "lora_format"),
+    register(Exporter("lora", _lora, "the weight change as a LoRA (truncated SVD), kohya "
+                      "(default) or diffusers naming", options=("rank", "max_error", "lora_format"),
                       check=_check_lora))
     register(Exporter("single-file", _single_file, "one original-layout SD checkpoint "
                       "(Automatic1111, ComfyUI, from_single_file)"))

@@ -16,16 +16,20 @@ error is at most E.
 
 Two namings:
 
+* ``kohya`` (the default): ``lora_unet_<module with _ for .>.lora_down.weight`` /
+  ``.lora_up.weight`` / ``.alpha`` (``lora_te_…`` for the text encoder's), the names kohya's
+  sd-scripts write for SD 1.x / 2.x and that Automatic1111 and ComfyUI map onto their own models
+  (:mod:`conceptctl.export.kohya`); diffusers' ``load_lora_weights`` reads them too. The header
+  carries kohya's and ModelSpec's entries, and the alpha is stored in float32 whatever the
+  export dtype: a bfloat16 alpha above 256 rounds (267 becomes 268), scaling every layer wrong.
 * ``diffusers`` (peft): ``unet.<module>.lora_A.weight`` (down) / ``.lora_B.weight`` (up), and
   ``text_encoder.text_model.<module>…`` for a CLIP text encoder's layers (``--params
   text-encoder``), with each
   part's adapter configuration (rank, alpha, per-layer ranks) in the ``lora_adapter_metadata``
   header entry exactly as diffusers' ``save_lora_weights`` writes it — without it diffusers
-  would guess alpha, and a wrong alpha scales the change silently.
-* ``kohya``: ``lora_unet_<module with _ for .>.lora_down.weight`` / ``.lora_up.weight`` /
-  ``.alpha`` (``lora_te_…`` for the text encoder's), the names kohya's sd-scripts write for
-  SD 1.x / 2.x (diffusers and transformers module names) and that Automatic1111 and ComfyUI map
-  onto their own models; diffusers' ``load_lora_weights`` reads them too.
+  would guess alpha, and a wrong alpha scales the change silently. Only diffusers loads all of
+  it: ComfyUI skips the UNet's keys (with a "lora key not loaded" warning each) and
+  Automatic1111 matches none (said at debug level only).
 
 Text-encoder names are transformers 4's ``CLIPTextModel``'s, with the ``text_model.`` level that
 transformers >= 5.6 dropped: the files in the wild have it, and diffusers 0.42 strips it when
@@ -49,8 +53,10 @@ from safetensors.torch import save_file
 
 from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
 from conceptctl.errors import ConceptctlError, UsageError
+from conceptctl.export import kohya
 
-LORA_FORMATS = ("diffusers", "kohya")
+LORA_FORMATS = ("kohya", "diffusers")
+DEFAULT_LORA_FORMAT = "kohya"
 DEFAULT_MAX_ERROR = 0.01
 # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY; spelled out so writing needs no diffusers.
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
@@ -80,7 +86,7 @@ class LayerFactors:
 def check_options(options: dict[str, Any]) -> None:
     """Reject bad ``--rank`` / ``--max-error`` / ``--lora-format`` before anything is loaded."""
     parse_rank(options.get("rank"), options.get("max_error"))
-    fmt = options.get("lora_format", "diffusers")
+    fmt = options.get("lora_format", DEFAULT_LORA_FORMAT)
     if fmt not in LORA_FORMATS:
         raise UsageError(f"unknown LoRA naming {fmt!r}; available: {', '.join(LORA_FORMATS)}")
 
@@ -195,11 +201,6 @@ def overall_error(layers: list[LayerFactors]) -> float:
     return residual / math.sqrt(sum(layer.change_norm ** 2 for layer in layers))
 
 
-def _clip_name(module: str) -> str:
-    """A CLIP text-encoder module's name as transformers 4 gave it (module docstring)."""
-    return module if module.startswith("text_model.") else "text_model." + module
-
-
 def _part(module: str) -> tuple[str, str]:
     """(the pipeline part diffusers loads it into, the module's name inside that part)."""
     if module.startswith(TEXT_ENCODER_PREFIX):
@@ -214,7 +215,7 @@ def diffusers_state_dict(layers: list[LayerFactors]) -> tuple[dict[str, torch.Te
     tensors, ranks = {}, {}
     for layer in layers:
         part, module = _part(layer.module)
-        key = f"{part}.{_clip_name(module) if part == 'text_encoder' else module}"
+        key = f"{part}.{kohya.clip_module_name(module) if part == 'text_encoder' else module}"
         tensors[f"{key}.lora_A.weight"] = layer.down
         tensors[f"{key}.lora_B.weight"] = layer.up
         # The configuration keeps the installed name: peft matches target modules by suffix,
@@ -236,15 +237,23 @@ def diffusers_state_dict(layers: list[LayerFactors]) -> tuple[dict[str, torch.Te
 def kohya_state_dict(layers: list[LayerFactors]) -> dict[str, torch.Tensor]:
     tensors = {}
     for layer in layers:
-        part, module = _part(layer.module)
-        if part == "text_encoder":
-            module = _clip_name(module)
-        key = ("lora_te_" if part == "text_encoder" else "lora_unet_") + module.replace(".", "_")
+        key = kohya.module_key(layer.module)
         tensors[f"{key}.lora_down.weight"] = layer.down
         tensors[f"{key}.lora_up.weight"] = layer.up
         # Every reader scales by alpha / rank (kohya's convention, kept by A1111 and ComfyUI).
-        tensors[f"{key}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
+        # float32 whatever the factors' dtype: integers above 256 do not survive bfloat16.
+        tensors[f"{key}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
     return tensors
+
+
+def kohya_metadata(job, layers: list[LayerFactors],
+                   tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """kohya's and ModelSpec's header entries for ``tensors`` (module docstring)."""
+    conv_ranks = [layer.rank for layer in layers
+                  if layer.down.dim() == 4 and tuple(layer.down.shape[2:]) != (1, 1)]
+    header = kohya.lora_header(job, [layer.rank for layer in layers], layers[0].alpha,
+                               conv_ranks)
+    return kohya.with_hashes(tensors, header)
 
 
 def _check_text_encoder(job, layers: list[LayerFactors]) -> None:
@@ -261,11 +270,12 @@ def _check_text_encoder(job, layers: list[LayerFactors]) -> None:
 
 def export_lora(job, out: Path) -> dict[str, Any]:
     rank, max_error = parse_rank(job.options.get("rank"), job.options.get("max_error"))
-    naming = job.options.get("lora_format", "diffusers")
+    naming = job.options.get("lora_format", DEFAULT_LORA_FORMAT)
     layers = build_factors(job, rank, max_error)
     _check_text_encoder(job, layers)
     if naming == "kohya":
-        tensors, metadata = kohya_state_dict(layers), {}
+        tensors = kohya_state_dict(layers)
+        metadata = kohya_metadata(job, layers, tensors)
     else:
         tensors, metadata = diffusers_state_dict(layers)
     save_file(tensors, str(out), metadata={**metadata, **job.metadata})

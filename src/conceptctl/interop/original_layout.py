@@ -223,12 +223,12 @@ def _text_encoder_weights(text_encoder) -> dict[str, torch.Tensor]:
     # transformers >= 5.6 flattened CLIPTextModel and dropped the "text_model." prefix; both
     # the original layouts and diffusers' reader expect it, so normalise to the unprefixed form.
     weights = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
-    if _uses_open_clip(text_encoder.config):
+    if uses_open_clip(text_encoder.config):
         return _with_prefix(OPEN_CLIP_PREFIX, _open_clip_weights(weights, text_encoder.config))
     return _with_prefix(CLIP_PREFIX, weights)
 
 
-def _uses_open_clip(config: Any) -> bool:
+def uses_open_clip(config: Any) -> bool:
     """Whether the text encoder is SD 2's OpenCLIP (True) or SD 1's OpenAI CLIP (False).
 
     diffusers stores both as a ``CLIPTextModel``; the only architectural difference is the MLP
