@@ -207,7 +207,7 @@ def test_lora_refuses_changes_it_cannot_represent(tiny_sd1, tmp_path, cli):
     result = cli("export", artifact, "--format", "lora", "--out", tmp_path / "l.safetensors")
     assert result.code == 1
     assert "attn2.to_out.0.bias cannot be written as a LoRA" in result.err
-    assert "delta" in result.err  # the hint names the formats that can
+    assert "'diff'" in result.err and "delta" in result.err  # the formats that can
     assert not (tmp_path / "l.safetensors").exists()
 
 
@@ -295,8 +295,9 @@ def test_a_text_encoder_delta_samples_like_its_artifact(artifacts, tmp_path, cli
     assert not np.array_equal(from_delta, _sampled(cli, tmp_path / "c", "-b", base))
 
 
-def test_a_toy_text_encoder_lora_is_refused_in_one_line(tmp_path, cli):
-    # The toy's encoder is a BERT: LoRA readers rename text-encoder adapters the CLIP way only.
+def test_a_toy_text_encoder_lora_or_diff_is_refused_in_one_line(tmp_path, cli):
+    # The toy's encoder is a BERT: LoRA readers rename text-encoder adapters the CLIP way only,
+    # and the UIs a diff is for load no such model.
     from conceptctl.erasure.params import select_parameters
 
     model = open_backbone("toy", device="cpu", dtype="float32")
@@ -308,6 +309,11 @@ def test_a_toy_text_encoder_lora_is_refused_in_one_line(tmp_path, cli):
                      out)
         assert result.code == 1 and "into CLIP text encoders only" in result.err
         assert "delta" in result.err and not out.exists()
+    out = tmp_path / "toy.diff.safetensors"
+    result = cli("export", artifact, "--format", "diff", "--out", out)
+    assert result.code == 1 and result.err.startswith("error: the diff format is unsupported "
+                                                      "for backbone toy")
+    assert "delta" in result.err and "Traceback" not in result.err and not out.exists()
 
 
 def test_delta_and_artifact_refuse_another_base_unless_forced(artifacts, tmp_path, cli):
@@ -347,7 +353,7 @@ def test_bad_input_is_one_clear_line(artifacts, tmp_path, cli):
     _, artifact = artifacts["sd1"]
     cases = [
         (("export", artifact, "--format", "onnx"),
-         "unknown exporter 'onnx'; available: diffusers, lora, single-file, delta"),
+         "unknown exporter 'onnx'; available: diffusers, lora, single-file, delta, diff"),
         (("export", artifact), "choose a format with --format: diffusers, lora"),
         (("export", tmp_path, "--format", "delta"), "is not a conceptctl artifact"),
         (("export", artifact, "--format", "delta", "--rank", "4"),
@@ -442,11 +448,11 @@ def test_existing_target_needs_overwrite(artifacts, tmp_path, cli):
 
 def test_exporters_are_plugins(cli):
     registry = get_registry("exporter")
-    assert registry.names()[:4] == ["diffusers", "lora", "single-file", "delta"]
+    assert registry.names()[:5] == ["diffusers", "lora", "single-file", "delta", "diff"]
     assert {entry.plugin for entry in registry} == {"builtin-export"}
     listed = {p["name"]: p for p in json.loads(cli("plugins", "--json").out)["plugins"]}
     assert listed["builtin-export"]["registers"]["exporter"] == [
-        "diffusers", "lora", "single-file", "delta"]
+        "diffusers", "lora", "single-file", "delta", "diff"]
     assert "export" in listed["builtin-commands"]["registers"]["command"]
 
 

@@ -1,4 +1,4 @@
-"""Our LoRA files, read the way ComfyUI, Automatic1111 and kohya's sd-scripts read them.
+"""Our LoRA and diff files, read the way ComfyUI, Automatic1111 and kohya's sd-scripts read them.
 
 None of the three can be installed here, so their key mapping and weight patching are
 transcribed below (in our own words, logic unchanged) from the code that does it:
@@ -8,7 +8,7 @@ transcribed below (in our own words, logic unchanged) from the code that does it
 * Automatic1111 1.10 ``extensions-builtin/Lora``: ``networks.py``
   (``convert_diffusers_name_to_compvis``, ``assign_network_names_to_compvis_modules``,
   ``load_network``, ``network_apply_weights``), ``network.py`` (``detect_version``,
-  ``finalize_updown``), ``network_lora.py``; ``modules/hashes.py``
+  ``finalize_updown``), ``network_lora.py``, ``network_full.py``; ``modules/hashes.py``
   (``addnet_hash_safetensors``);
 * kohya's sd-scripts ``networks/merge_lora.py`` (``merge_to_sd_model``), ``networks/lora.py``
   (``LoRANetwork`` target modules) and ``library/train_util.py``
@@ -36,10 +36,10 @@ from safetensors.torch import load_file, save
 from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
 from conceptctl.backbones.loading import open_backbone
 from conceptctl.erasure.artifact import apply_artifact, read_artifact
-from conceptctl.erasure.params import select_parameters
+from conceptctl.erasure.params import PARAM_GROUPS, select_parameters
 from conceptctl.export.run import export_artifact
 from conceptctl.interop.original_layout import diffusers_to_original
-from conceptctl.testing import build_tiny_pipeline, write_test_artifact
+from conceptctl.testing import build_tiny_pipeline, save_tiny_pipeline, write_test_artifact
 
 # --- ComfyUI -----------------------------------------------------------------------------------
 
@@ -154,6 +154,12 @@ def comfy_load(lora: dict, key_map: dict) -> tuple[dict, list[str]]:
                 patches[target] = ("lora", lora[up], lora[down], alpha)
                 loaded |= {up, down}
                 break
+        if f"{x}.diff" in lora:
+            patches[target] = ("diff", lora[f"{x}.diff"])
+            loaded.add(f"{x}.diff")
+        if f"{x}.diff_b" in lora:
+            patches[target.removesuffix(".weight") + ".bias"] = ("diff", lora[f"{x}.diff_b"])
+            loaded.add(f"{x}.diff_b")
     return patches, [k for k in lora if k not in loaded]
 
 
@@ -163,10 +169,14 @@ def comfy_apply(patches: dict, model: dict) -> dict:
     for key, patch in patches.items():
         assert key in model, f"ComfyUI has no tensor {key}"
         weight = model[key].float()
-        _, up, down, alpha = patch
-        scale = 1.0 if alpha is None else alpha / down.shape[0]
-        out[key] = weight + scale * (up.float().flatten(1) @ down.float().flatten(1)
-                                     ).reshape(weight.shape)
+        if patch[0] == "diff":
+            assert patch[1].shape == weight.shape, f"ComfyUI: shape mismatch, not merged: {key}"
+            out[key] = weight + patch[1].float()
+        else:
+            _, up, down, alpha = patch
+            scale = 1.0 if alpha is None else alpha / down.shape[0]
+            out[key] = weight + scale * (up.float().flatten(1) @ down.float().flatten(1)
+                                         ).reshape(weight.shape)
     return out
 
 
@@ -257,14 +267,17 @@ def a1111_load(lora: dict, model: dict) -> tuple[dict, list[str]]:
             failed.append(key_network)
             continue
         matched.setdefault(key, (module, {}))[1][part] = weight
-    for key, (_, w) in matched.items():  # module_types: lora, ...
-        assert {"lora_up.weight", "lora_down.weight"} <= set(w), (
+    for key, (_, w) in matched.items():  # module_types: lora, ..., full
+        assert {"lora_up.weight", "lora_down.weight"} <= set(w) or "diff" in w, (
             f"A1111: no module type accepts {sorted(w)} ({key})")
     return matched, failed
 
 
 def _a1111_updown(w: dict, weight: torch.Tensor):
     """``calc_updown`` + ``finalize_updown`` at multiplier 1: (weight change, bias change)."""
+    if "diff" in w:  # network_full
+        bias = w.get("diff_b")
+        return w["diff"].float().reshape(weight.shape), None if bias is None else bias.float()
     up, down = w["lora_up.weight"].float(), w["lora_down.weight"].float()  # network_lora
     scale = w["alpha"].item() / down.shape[0] if "alpha" in w else 1.0
     return (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale, None
@@ -382,7 +395,10 @@ def sd_shaped(tmp_path_factory):
         pipe.save_pretrained(root / "base", safe_serialization=True)
         model = open_backbone(str(root / "base"), device="cpu", dtype="float32")
         groups = {group: sorted(select_parameters(model, group))
-                  for group in ("cross-attn-kv", "text-encoder")}
+                  for group in ("cross-attn-kv", "text-encoder", "full")}
+        # One projection of one attention layer: A1111 patches SD 2's fused q/k/v/out only
+        # when all four are in the file.
+        groups["one-q"] = [n for n in groups["text-encoder"] if "self_attn.q_proj" in n][:1]
         made[flavor] = root / "base", {
             group: write_test_artifact(model, root / group, names=names)
             for group, names in groups.items()}
@@ -406,8 +422,8 @@ def _erased_tensors(artifact, erased_pipe) -> dict:
 
 
 def _check_ui(before: dict, after: dict, erased: dict, exact: bool, what: str):
-    """Every tensor of the patched model equals the erased model's: the changed ones (to float
-    rounding for a full-rank LoRA, exactly if ``exact``) and all the others."""
+    """Every tensor of the patched model equals the erased model's: the changed ones (exactly
+    for a diff, to float rounding for a full-rank LoRA) and all the others."""
     assert any(not torch.equal(before[k], erased[k]) for k in erased), "nothing to load"
     for key, value in erased.items():
         if exact:
@@ -418,7 +434,9 @@ def _check_ui(before: dict, after: dict, erased: dict, exact: bool, what: str):
 
 
 @pytest.mark.parametrize("flavor", ["sd1", "sd2"])
-@pytest.mark.parametrize(("fmt", "group"), [("lora", "cross-attn-kv"), ("lora", "text-encoder")])
+@pytest.mark.parametrize(("fmt", "group"), [("lora", "cross-attn-kv"), ("lora", "text-encoder"),
+                                            ("diff", "full"), ("diff", "text-encoder"),
+                                            ("diff", "one-q")])
 def test_every_key_loads_in_comfyui_a1111_and_kohya(sd_shaped, flavor, fmt, group, tmp_path):
     base, artifacts = sd_shaped[flavor]
     out = tmp_path / f"{group}.safetensors"
@@ -426,12 +444,14 @@ def test_every_key_loads_in_comfyui_a1111_and_kohya(sd_shaped, flavor, fmt, grou
     export_artifact(artifacts[group], fmt, out, options={"rank": "1000"} if fmt == "lora" else {})
     lora = load_file(out)
     plain, erased = _pipes(base, artifacts[group])
-    exact = False
+    exact = fmt == "diff"
 
     model, config = comfy_model(plain)
     patches, not_loaded = comfy_load(lora, comfy_key_map(config, model))
     assert not not_loaded, f"ComfyUI: lora key not loaded: {not_loaded[:3]}"
     _check_ui(model, comfy_apply(patches, model), comfy_model(erased)[0], exact, "ComfyUI")
+    if fmt == "diff":  # biases and norms too
+        assert any(k.endswith(".diff_b") for k in lora) == (group == "full")
 
     model = a1111_model(plain)
     matched, failed = a1111_load(lora, model)
@@ -526,3 +546,59 @@ def test_alpha_is_float32_whatever_the_export_dtype(sd_shaped, tmp_path):
     assert alpha.dtype == torch.float32 and alpha.item() == 267.0
     assert torch.tensor(267.0, dtype=torch.bfloat16).item() == 268.0  # what bfloat16 made of it
 
+
+# --- the diff in diffusers terms ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diff-bases")
+    return {flavor: save_tiny_pipeline(root / flavor, flavor) for flavor in ("sd1", "sd2")}
+
+
+def _diffusers_names(pipe) -> dict[str, str]:
+    """kohya module name -> diffusers module path, from the pipeline's own modules (as
+    diffusers and SD.Next resolve kohya names), plus the one module written under its
+    original-layout name (docs/export.md)."""
+    names = {"lora_unet_out_0": "conv_norm_out"}
+    for name, _ in pipe.unet.named_modules():
+        names["lora_unet_" + name.replace(".", "_")] = name
+    for name, _ in pipe.text_encoder.named_modules():
+        named = name if name.startswith("text_model.") else "text_model." + name
+        names["lora_te_" + named.replace(".", "_")] = TEXT_ENCODER_PREFIX + name
+    return names
+
+
+@pytest.mark.parametrize("flavor", ["sd1", "sd2"])
+@pytest.mark.parametrize("group", list(PARAM_GROUPS))
+def test_diff_round_trip_gives_the_erased_weights(tiny_bases, flavor, group, tmp_path):
+    base = tiny_bases[flavor]
+    model = open_backbone(str(base), device="cpu", dtype="float32")
+    artifact = write_test_artifact(model, tmp_path / "art",
+                                   names=sorted(select_parameters(model, group)))
+    out = tmp_path / "church.diff.safetensors"
+    report = export_artifact(artifact, "diff", out).report
+    assert report["max_reapply_error"] == 0.0
+
+    params = {**dict(model.unet.named_parameters()),
+              **{TEXT_ENCODER_PREFIX + k: v for k, v in model.text_encoder.named_parameters()}}
+    names = _diffusers_names(model.pipeline)
+    restored = {}
+    for key, value in load_file(out).items():
+        module, _, suffix = key.partition(".")
+        name = f"{names[module]}.{ {'diff': 'weight', 'diff_b': 'bias'}[suffix] }"
+        assert value.dtype == torch.float32 and value.shape == params[name].shape, key
+        restored[name] = params[name].detach() + value
+    erased = read_artifact(artifact).weights
+    moved = {n for n, v in erased.items() if not torch.equal(v, params[n].detach())}
+    assert moved and moved <= restored.keys()
+    for name, value in restored.items():  # exact; unchanged tensors get zeros, never others
+        assert torch.equal(value, erased.get(name, params[name].detach())), name
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["conceptctl"])["base"]["tensors"] == sorted(moved)
+    assert a1111_detect_version(metadata) == flavor.upper()
+    assert metadata["sshs_model_hash"] == addnet_hash_safetensors(out.read_bytes())
+    # diffusers has no SD 1.x / 2.x reader for diff files: it refuses, it does not ignore.
+    with pytest.raises(ValueError, match="not been correctly renamed"):
+        model.pipeline.load_lora_weights(str(out))

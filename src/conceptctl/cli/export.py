@@ -17,7 +17,7 @@ def export(
         help="An erasure artifact folder (from 'conceptctl erase') or a delta .safetensors.",
         show_default=False)],
     fmt: Annotated[str | None, typer.Option(
-        "--format", "-f", help="diffusers, lora, single-file, delta, or a plugin's (see "
+        "--format", "-f", help="diffusers, lora, single-file, delta, diff, or a plugin's (see "
         "'conceptctl plugins').", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Target folder (diffusers) or .safetensors file (default: "
@@ -46,7 +46,8 @@ def export(
     overwrite: options.Overwrite = False,
     json_output: options.Json = False,
 ) -> None:
-    """Export an erased model: a diffusers folder, a LoRA, one original-layout file or a delta."""
+    """Export an erased model: a diffusers folder, a LoRA, one original-layout file, a delta or
+    a UI diff."""
     from conceptctl.export.run import export_artifact
     from conceptctl.registry import get_registry
 

@@ -1,4 +1,4 @@
-"""Built-in export formats: diffusers folder, LoRA, original single file, delta."""
+"""Built-in export formats: diffusers folder, LoRA, original single file, delta, UI diff."""
 
 from conceptctl.export import Exporter
 from conceptctl.hookspecs import hookimpl
@@ -36,6 +36,12 @@ def _delta(job, out):
     return export_delta(job, out)
 
 
+def _diff(job, out):
+    from conceptctl.export.diff import export_diff
+
+    return export_diff(job, out)
+
+
 @hookimpl
 def register_exporters(register):
     register(Exporter("diffusers", _diffusers, "full pipeline folder for from_pretrained, with "
@@ -46,3 +52,5 @@ def register_exporters(register):
     register(Exporter("single-file", _single_file, "one original-layout SD checkpoint "
                       "(Automatic1111, ComfyUI, from_single_file)"))
     register(Exporter("delta", _delta, "only the changed tensors, erased minus base"))
+    register(Exporter("diff", _diff, "the exact weight change as Automatic1111 and ComfyUI "
+                      "load it (lora_unet_*.diff / .diff_b)"))

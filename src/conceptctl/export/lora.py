@@ -158,8 +158,9 @@ def _lora_module(backbone, name: str) -> str:
         raise ConceptctlError(
             f"the change of {name} cannot be written as a LoRA (only Linear and Conv2d weights "
             "can)",
-            hint="export this artifact as 'delta', 'diffusers' or 'single-file' instead; LoRA "
-            "exports need an erasure of weights only, e.g. --params cross-attn-kv (the default)")
+            hint="export this artifact as 'diff' (exact, for Automatic1111 and ComfyUI), "
+            "'delta', 'diffusers' or 'single-file' instead; LoRA exports need an erasure of "
+            "weights only, e.g. --params cross-attn-kv (the default)")
     return name.removesuffix("." + leaf)
 
 

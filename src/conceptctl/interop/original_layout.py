@@ -104,6 +104,13 @@ def write_single_file(pipeline, path, metadata: dict[str, str] | None = None) ->
     save_file(weights, str(path), metadata=metadata)
 
 
+def unet_original_names(unet) -> dict[str, str]:
+    """Each UNet tensor's original-layout name (without ``model.diffusion_model.``), by its
+    diffusers name; ``ValueError`` when the layout has no place for one."""
+    renamed = _rename({key: key for key in unet.state_dict()}, _unet_table(unet.config), "UNet")
+    return {key: original for original, key in renamed.items()}
+
+
 def _unet_weights(unet) -> dict[str, torch.Tensor]:
     return _rename(unet.state_dict(), _unet_table(unet.config), "UNet")
 
