@@ -8,6 +8,7 @@
                           plugins and versions, every hyperparameter, seed, library versions,
                           timings, training summary
     README.md             a model card
+    losses.jsonl          every training step, written as the run goes (conceptctl.erasure.loss_log)
     checkpoint-{step}/    resumable training state (rotated)
 
 A *stacked* artifact (``conceptctl erase --base EARLIER``) holds only its own link's values; its

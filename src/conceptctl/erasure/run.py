@@ -39,6 +39,7 @@ from conceptctl.erasure.artifact import (
 from conceptctl.erasure.augment import AUGMENTS
 from conceptctl.erasure.checkpoints import load_checkpoint, save_checkpoint
 from conceptctl.erasure.config import EraseConfig, complete
+from conceptctl.erasure.loss_log import LOSS_LOG, LossLog, check_report_to
 from conceptctl.erasure.methods import D_UPDATES, PRIOR_BATCHES, Context, StepStats
 from conceptctl.erasure.params import PARAM_GROUPS, select_parameters, trains_text_encoder
 from conceptctl.erasure.precision import MODES as PRECISION_MODES
@@ -337,11 +338,14 @@ def erase(
     device: str | None = None,
     dtype: str | None = None,
     reporter: EraseReporter | None = None,
+    report_to: str | None = None,
 ) -> EraseResult:
     """Run one erasure and write its artifact to ``out_dir``.
 
     Started by ``accelerate launch`` with several processes, it trains data-parallel
-    (conceptctl.erasure.distributed); only the main process writes to ``out_dir``.
+    (conceptctl.erasure.distributed); only the main process writes to ``out_dir``. Every
+    training step goes to ``losses.jsonl`` as it is taken; ``report_to="tensorboard"`` also
+    writes TensorBoard scalars (conceptctl.erasure.loss_log).
     """
     from conceptctl.erasure import distributed
     from conceptctl.settings import load_settings, resolve_device
@@ -349,6 +353,7 @@ def erase(
     started = time.time()
     cfg = complete(cfg)  # the preset fills what the caller left None
     check_config(cfg)
+    check_report_to(report_to)
     settings = load_settings()
     dist, device = distributed.setup(resolve_device(device or settings.device))
     report = (reporter or EraseReporter()) if dist.is_main else EraseReporter()
@@ -359,7 +364,7 @@ def erase(
           else nullcontext(out_dir)) as work_dir:
         result = _erase_into(work_dir, cfg, resume=resume, dtype=dtype, settings=settings,
                              dist=dist, device=device, report=report, started=started,
-                             final_dir=out_dir)
+                             final_dir=out_dir, report_to=report_to)
     return replace(result, out_dir=out_dir)
 
 
@@ -378,7 +383,7 @@ def _check_not_in_chain(out_dir: Path, cfg: EraseConfig) -> None:
 
 
 def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dist, device, report,
-                started: float, final_dir: Path) -> EraseResult:
+                started: float, final_dir: Path, report_to: str | None) -> EraseResult:
     """The run itself, writing checkpoints and the artifact into ``out_dir`` (the output, or the
     staging folder that replaces an earlier output once complete; ``final_dir``: the output,
     from which a stacked artifact's chain paths count), in named phases."""
@@ -449,7 +454,7 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
             edit_figures = training.method.edit(groups, retain)
         # write_artifact refuses non-finite values, as after training.
     else:
-        _train(out_dir, cfg, backbone, data, training, record, dist, report)
+        _train(out_dir, cfg, backbone, data, training, record, dist, report, report_to)
     train_seconds = time.time() - t0
 
     seconds = {"anchors": round(anchor_seconds, 2), "training": round(train_seconds, 2),
@@ -462,6 +467,8 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
                                   library_versions(),
                                   chain=chain_links(stack, final_dir) if stack else None)
         manifest["training"]["precision"] = training.precision.state_dict()
+        if not closed_form:  # a closed-form edit takes no steps to log
+            manifest["training"]["loss_log"] = LOSS_LOG
         manifest["machine"]["processes"] = dist.world
         if edit_figures is not None:
             manifest["edit"] = edit_figures
@@ -584,8 +591,9 @@ def _resume(training: Training, resume_from, resume, dist, report) -> None:
 
 
 def _train(out_dir: Path, cfg: EraseConfig, backbone, data, training: Training, record: dict,
-           dist, report) -> None:
-    """Phase 4: the training loop, checkpointing into ``out_dir`` from the main process."""
+           dist, report, report_to: str | None) -> None:
+    """Phase 4: the training loop, checkpointing and logging each step into ``out_dir`` from
+    the main process."""
     params, state, precision = training.params, training.state, training.precision
 
     def checkpoint(step: int) -> None:
@@ -598,13 +606,20 @@ def _train(out_dir: Path, cfg: EraseConfig, backbone, data, training: Training, 
     # The text encoder stays in eval mode even when it trains: BERT-style encoders (the toy's)
     # drop out in train mode, and its embeddings must be the ones sampling will see.
     unet.train()
-    run_loop(training.method, training.optimizer, params, data, state, steps=cfg.steps,
-             batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm,
-             device=backbone.device, dtype=backbone.dtype,
-             on_step=lambda step, stats: report.step(step, cfg.steps, stats),
-             checkpoint=checkpoint if dist.is_main else None,
-             checkpoint_every=cfg.checkpointing_steps, precision=precision,
-             num_timesteps=backbone.num_train_timesteps, dist=dist, modules=training.modules)
+    # Continues from the restored history: a resumed run's log never holds a step twice.
+    with LossLog(out_dir, state.history, report_to) if dist.is_main else nullcontext() as log:
+
+        def on_step(step: int, stats) -> None:
+            if log is not None:
+                log.write(state.history[-1])  # the entry run_loop just recorded
+            report.step(step, cfg.steps, stats)
+
+        run_loop(training.method, training.optimizer, params, data, state, steps=cfg.steps,
+                 batch_size=cfg.batch_size, max_grad_norm=cfg.max_grad_norm,
+                 device=backbone.device, dtype=backbone.dtype, on_step=on_step,
+                 checkpoint=checkpoint if dist.is_main else None,
+                 checkpoint_every=cfg.checkpointing_steps, precision=precision,
+                 num_timesteps=backbone.num_train_timesteps, dist=dist, modules=training.modules)
     unet.eval()
 
 

@@ -165,6 +165,7 @@ def run_loop(
     dist = dist or SingleProcess()
     while state.step < steps:
         step = state.step + 1
+        started = time.perf_counter()
         # No data: the method makes its own training latents (esd-x) and gets no batch.
         batch = None if data is None else data.batch(batch_size, state.generator, device, dtype,
                                                      num_timesteps, dist)
@@ -182,8 +183,12 @@ def run_loop(
             optimizer.step()
         _check_weights(params, modules, step)  # before this step's checkpoint is written
         state.step = step
-        state.history.append({"step": step, "time": time.time(), **{
-            k: v for k, v in vars(stats).items() if v is not None}})
+        # The run's one record of each step: checkpoints keep it, the manifest's summary and
+        # the artifact's losses.jsonl (conceptctl.erasure.loss_log) are made from it.
+        state.history.append({
+            "step": step, "time": time.time(), "seconds": time.perf_counter() - started,
+            "lr": optimizer.param_groups[0]["lr"],
+            **{k: v for k, v in vars(stats).items() if v is not None}})
         if on_step is not None:
             on_step(step, stats)
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
