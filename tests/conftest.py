@@ -21,6 +21,8 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CONCEPTCTL_HOME", str(home))
     monkeypatch.delenv("CONCEPTCTL_PLUGINS", raising=False)
     monkeypatch.delenv("CONCEPTCTL_DEBUG", raising=False)
+    # A run under 'accelerate launch' sets it; erase would then train in that precision.
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     reset_plugins()
     yield home
     reset_plugins()
@@ -53,6 +55,7 @@ def tiny_sd1_artifact(tmp_path_factory, tiny_sd1):
     root = tmp_path_factory.mktemp("shared-artifact")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CONCEPTCTL_HOME", str(root / "home"))
+        mp.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # as isolated_home
         reset_plugins()
         erase(tiny_erase_config(tiny_sd1), root / "art")
     reset_plugins()

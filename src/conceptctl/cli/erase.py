@@ -97,18 +97,22 @@ def erase(
     uce_preserve_scale: Annotated[float | None, typer.Option(
         help="uce: weight of each retain prompt (0.1).", show_default=False)] = None,
     seed: options.Seed = 0,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Artifact folder "
-                                                "(default: erased/<concept>-<method>).",
-                                                file_okay=False, show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "--out", "-o", help="Artifact folder (default: erased/<concept>-<method>).",
+        file_okay=False, show_default=False)] = None,
     resume: Annotated[str | None, typer.Option(help="'latest' or a checkpoint-N folder name in "
                                                "--output.", show_default=False)] = None,
     checkpointing_steps: Annotated[int | None, typer.Option(
         help="Save a checkpoint every N steps (preset).", min=1, show_default=False)] = None,
     checkpoints_total_limit: Annotated[int | None, typer.Option(
         help="Keep only the newest N checkpoints (2).", min=1, show_default=False)] = None,
-    mixed_precision: Annotated[str, typer.Option(
+    mixed_precision: Annotated[str | None, typer.Option(
         help="Autocast the UNet passes: no, fp16 (with loss scaling) or bf16; weights stay "
-        "fp32.")] = "no",
+        "fp32. Default: accelerate's (accelerate launch --mixed_precision or its config), "
+        "else no.", show_default=False)] = None,
+    report_to: Annotated[str | None, typer.Option(
+        help="Also write the per-step losses as TensorBoard scalars: tensorboard (needs the "
+        "tensorboard package). losses.jsonl is always written.", show_default=False)] = None,
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing", help="Recompute UNet activations in the backward pass: less "
         "memory, more time; same result.")] = False,
@@ -127,6 +131,7 @@ def erase(
     working."""
     from conceptctl.erasure.config import plan
     from conceptctl.erasure.distributed import is_main_launched_process
+    from conceptctl.erasure.loss_log import check_report_to
     from conceptctl.erasure.run import check_config
     from conceptctl.fileio import next_free_dir
     from conceptctl.outputs import check_output_free
@@ -156,9 +161,10 @@ def erase(
     out = output or next_free_dir(Path("erased") / f"{slug('-'.join(names))}-{cfg.method}")
     # Settle bad input before any progress display starts, so the error is the first line.
     check_config(cfg)
+    check_report_to(report_to)
     if resume is None and is_main_launched_process():  # only the main process writes
         check_output_free(out, overwrite, "folder")
-    result = _run(cfg, out, resume, overwrite, device, dtype)
+    result = _run(cfg, out, resume, overwrite, device, dtype, report_to)
     if not result.main_process:
         return  # a data-parallel run reports once, from its main process
     summary = {"output": str(result.out_dir), "steps": result.steps, "seconds": result.seconds,
@@ -201,7 +207,7 @@ def _erasures(concepts: list[str], anchor: str | None, concept_type: str | None,
     return listed + (read_concept_file(concepts_file) if concepts_file is not None else [])
 
 
-def _run(cfg, out, resume, overwrite, device, dtype):
+def _run(cfg, out, resume, overwrite, device, dtype, report_to):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from conceptctl.erasure.run import EraseReporter
@@ -239,4 +245,4 @@ def _run(cfg, out, resume, overwrite, device, dtype):
             step=on_step,
         )
         return run_erase(cfg, out, resume=resume, overwrite=overwrite, device=device,
-                         dtype=dtype, reporter=reporter)
+                         dtype=dtype, reporter=reporter, report_to=report_to)

@@ -54,7 +54,11 @@ class EraseConfig:
     # How many of the built-in templates' anchor prompts to use (None: all 200, the reference's
     # count); fewer make a quick run, as in tests on tiny pipelines.
     anchor_prompt_count: int | None = None
-    mixed_precision: str = "no"  # no | fp16 | bf16: autocast of the UNet passes
+    # no | fp16 | bf16: autocast of the UNet passes. None: accelerate's choice (the
+    # ACCELERATE_MIXED_PRECISION that 'accelerate launch' sets), else no; :func:`complete`
+    # decides, and records in ``mixed_precision_source`` which one it was (never given).
+    mixed_precision: str | None = None
+    mixed_precision_source: str | None = None  # option | accelerate | default
     # Speed and memory switches that leave the result unchanged (gradient checkpointing: the
     # same numbers; compile and TF32: within float tolerance). See docs/performance.md.
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory
@@ -123,7 +127,8 @@ class EraseConfig:
 
     def is_complete(self) -> bool:
         return all(getattr(self, name) is not None
-                   for name in (*RECIPE, "concept_type", "backbone")) and all(
+                   for name in (*RECIPE, "concept_type", "backbone", "mixed_precision",
+                                "mixed_precision_source")) and all(
             kind is not None for _, _, kind in self.concepts) and (
             self.base_artifact is None or bool(self.erased_before))
 
@@ -225,6 +230,7 @@ def complete(cfg: EraseConfig, spec=None) -> EraseConfig:
         return cfg
     from conceptctl.backbones.resolve import resolve_backbone
     from conceptctl.erasure.anchors import guess_type
+    from conceptctl.erasure.precision import resolve_mode
     from conceptctl.settings import load_settings
 
     stacked_on, erased_before = _stacked(cfg)
@@ -234,8 +240,13 @@ def complete(cfg: EraseConfig, spec=None) -> EraseConfig:
     concepts = tuple((c, a, t or guess_type(c, a)) for c, a, t in cfg.concepts)
     # Several concepts of several types: the first one's preset (the run has one recipe).
     recipe = preset(kind, cfg.batch_size, cfg.method, spec.erase_presets)
+    # A given mode keeps the source it was decided with (a completed config stays complete).
+    decided = cfg.mixed_precision is not None and cfg.mixed_precision_source is not None
+    mixed_precision, source = ((cfg.mixed_precision, cfg.mixed_precision_source) if decided
+                               else resolve_mode(cfg.mixed_precision))
     return replace(cfg, backbone=backbone, concept_type=kind, concepts=concepts,
-                   erased_before=erased_before,
+                   erased_before=erased_before, mixed_precision=mixed_precision,
+                   mixed_precision_source=source,
                    **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
 
 

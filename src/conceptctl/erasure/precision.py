@@ -10,16 +10,44 @@ Methods call ``ctx.precision.grad(loss, params)`` (returns unscaled gradients) o
 ``ctx.precision.backward(loss)`` (the trainer unscales ``.grad`` afterwards); both are plain
 ``torch.autograd.grad`` / ``.backward()`` when no scaling is active, so ``no`` and ``bf16`` runs
 are unaffected. A step whose gradients are not finite under fp16 is skipped and the scale halved.
+
+Which mode a run uses (:func:`resolve_mode`): ``--mixed-precision`` when given, else what
+accelerate asks for, else ``no``. ``accelerate launch`` exports its ``--mixed_precision`` flag (or
+the ``mixed_precision`` of its config file, ``no`` when neither says) as
+``ACCELERATE_MIXED_PRECISION`` to the processes it starts; accelerate's own ``Accelerator`` reads
+that variable and nothing else, and so does conceptctl.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
 
 MODES = ("no", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+ACCELERATE_ENV = "ACCELERATE_MIXED_PRECISION"
+# Where a run's mode came from, as its manifest records it (``mixed_precision_source``).
+SOURCES = ("option", "accelerate", "default")
+
+
+def resolve_mode(given: str | None) -> tuple[str, str]:
+    """(mode, source): ``given`` (the --mixed-precision option or the setting a library caller
+    passed), else accelerate's ``ACCELERATE_MIXED_PRECISION``, else ``no``."""
+    if given is not None:
+        return given, "option"
+    launcher = os.environ.get(ACCELERATE_ENV, "").strip().lower()
+    if not launcher:
+        return "no", "default"
+    if launcher not in MODES:
+        from conceptctl.errors import UsageError
+
+        raise UsageError(f"accelerate asks for mixed precision {launcher!r} ({ACCELERATE_ENV}), "
+                         f"which conceptctl does not train with; it takes {', '.join(MODES)}",
+                         hint="launch with --mixed_precision bf16 (or fp16, no), or give "
+                         "conceptctl's --mixed-precision, which takes precedence")
+    return launcher, "accelerate"
 
 
 class Precision:

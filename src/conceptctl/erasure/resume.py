@@ -39,6 +39,9 @@ MAY_DIFFER = frozenset({
     # may move the last bits of float rounding, not the result.
     "compile",
     "tf32",
+    # Where the mixed precision was decided (--mixed-precision or accelerate): the mode itself
+    # must match, not whether it was given by one or the other.
+    "mixed_precision_source",
 })
 
 # How the record's own entries (besides the EraseConfig) are named in a refusal.
