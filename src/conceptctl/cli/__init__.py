@@ -19,6 +19,7 @@ from typer.models import CommandInfo, TyperInfo
 
 from conceptctl import __version__
 from conceptctl.cli import console
+from conceptctl.cli.aliases import context_settings
 from conceptctl.errors import ConceptctlError, PluginError
 
 ENV_DEBUG = "CONCEPTCTL_DEBUG"
@@ -111,7 +112,8 @@ def build_app() -> typer.Typer:
         name="conceptctl",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
-        context_settings={"help_option_names": ["-h", "--help"]},
+        # Every command inherits the underscore spellings (--output_dir, --mixed_precision).
+        context_settings={"help_option_names": ["-h", "--help"], **context_settings()},
     )
     app.callback()(_root)
     COMMAND_OWNERS.clear()

@@ -96,7 +96,7 @@ def evaluate(
     force: Annotated[bool, typer.Option(
         "--force", help="Apply artifacts even if the base weights' hash differs.")] = False,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Report folder (default: evaluations/<artifact>, or "
+        "--output", "--out", "-o", help="Report folder (default: evaluations/<artifact>, or "
         "evaluations/compare).", file_okay=False, show_default=False)] = None,
     overwrite: options.Overwrite = False,
     device: options.Device = None,

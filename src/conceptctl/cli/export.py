@@ -20,7 +20,7 @@ def export(
         "--format", "-f", help="diffusers, lora, single-file, delta, diff, or a plugin's (see "
         "'conceptctl plugins').", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Target folder (diffusers) or .safetensors file (default: "
+        "--output", "--out", "-o", help="Target folder (diffusers) or .safetensors file (default: "
         "exported/<artifact>-<format>).", show_default=False)] = None,
     rank: Annotated[str | None, typer.Option(
         "--rank", help="lora: adapter rank, or 'auto' (default): per layer the smallest rank "

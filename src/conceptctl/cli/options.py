@@ -57,5 +57,6 @@ Overwrite = Annotated[
 ]
 OutDir = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Output folder.", show_default=False, file_okay=False),
+    typer.Option("--output", "--out", "-o", help="Output folder.", show_default=False,
+                 file_okay=False),
 ]

@@ -32,7 +32,8 @@ def render(
                                           "tree or boat (synonyms such as 'plane' work).")],
     style: Annotated[str, typer.Option("--style", help="painting, Van Gogh, Monet or Picasso.")],
     color: Annotated[str, typer.Option("--color", help="red, green, blue, yellow or purple.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.", dir_okay=False)],
+    out: Annotated[Path, typer.Option("--output", "--out", "-o", help="PNG file to write.",
+                                      dir_okay=False)],
     seed: options.Seed = 0,
     overwrite: options.Overwrite = False,
 ) -> None:
@@ -93,7 +94,7 @@ def judge(
 
 @app.command("train")
 def train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for toy-model/, "
+    out: Annotated[Path, typer.Option("--output", "--out", "-o", help="Folder for toy-model/, "
                                       "judge.safetensors and training.json.", file_okay=False)],
     images_per_concept: Annotated[int, typer.Option(help="Rendered pictures per concept.",
                                                     min=2)] = 200,
