@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 from conceptctl.evaluation.metrics import format_value
@@ -107,21 +106,13 @@ def _verdict_cell(verdict: dict) -> str:
 
 
 def write_compare(folder: Path, results: list[dict], names: list[str]) -> None:
+    """compare.json and compare.html (from templates/compare.html) into ``folder``."""
+    from conceptctl.evaluation.pages import render_page
+
     header, rows = compare_rows(results, names)
     write_json(folder / "compare.json", {"artifacts": names, "header": header, "rows": rows,
                                          "reports": [f"{n}/report.json" for n in names]})
-    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-           "<title>conceptctl comparison</title><style>body{font-family:system-ui,sans-serif;"
-           "margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-           "padding:4px 8px}</style></head><body><h1>Comparison</h1><table><tr>"]
-    out += [f"<th>{html.escape(h)}</th>" for h in header[:3]]
-    out += [f"<th><a href='{html.escape(n)}/report.html'>{html.escape(n)}</a></th>"
-            for n in names]
-    out.append("</tr>")
-    for row in rows:
-        out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
-    out.append("</table><ul>")
-    out += [f"<li><b>{html.escape(n)}</b>: {html.escape(r['verdict']['text'])}</li>"
-            for n, r in zip(names, results, strict=True)]
-    out.append("</ul></body></html>")
-    (folder / "compare.html").write_text("\n".join(out), encoding="utf-8")
+    page = render_page("compare.html", header=header[:3], names=names, rows=rows,
+                       verdicts=[{"name": n, "text": r["verdict"]["text"]}
+                                 for n, r in zip(names, results, strict=True)])
+    (folder / "compare.html").write_text(page, encoding="utf-8")
