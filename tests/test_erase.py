@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from conceptctl.backbones.loading import open_backbone
 from conceptctl.erasure.artifact import BaseMismatchError, apply_artifact, read_artifact
@@ -41,7 +42,12 @@ def test_only_the_chosen_parameters_change(request, tmp_path, fixture, method):
         "v_prediction" if fixture == "tiny_sd2" else "epsilon")
     assert manifest["components"]["method"]["plugin"] == "builtin-erasure"
     assert {"torch", "diffusers", "conceptctl"} <= set(manifest["versions"])
-    assert (tmp_path / "out" / "README.md").read_text().startswith("# church erased")
+    # A Hub-style card; the base, a folder given by path, is said to be unknown, not guessed.
+    card = ModelCard((tmp_path / "out" / "README.md").read_text(encoding="utf-8"))
+    assert card.text.lstrip().startswith("# church erased")
+    assert card.data.base_model is None and card.data.license is None
+    assert {"concept-erasure", method} <= set(card.data.tags)
+    assert "cannot identify" in card.text
 
 
 @pytest.mark.parametrize("group, rule", [

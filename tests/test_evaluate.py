@@ -85,6 +85,12 @@ def test_toy_report_agrees_with_the_judge_on_the_saved_pictures(cli, toy_artifac
     page = (out / "report.html").read_text()
     assert page.count("<img class='grid'") >= 5 and report["verdict"]["text"] in html.unescape(
         page)
+    # The artifact's card now shows what was measured: the verdict and the figures.
+    card = (toy_artifact / "README.md").read_text(encoding="utf-8")
+    erasure = next(m for m in report["metrics"]
+                   if m["metric"] == "erasure" and m["group"] == "target")
+    assert report["verdict"]["text"] in card
+    assert f"| erasure | target | {erasure['value']:.1%} | higher |" in card
 
 
 def test_embedding_budgets_are_spread_and_end_at_the_whole_budget():

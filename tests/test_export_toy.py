@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from diffusers import StableDiffusionPipeline
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors import safe_open
 
@@ -86,6 +87,11 @@ def test_toy_lora_and_delta_reproduce_the_erased_model(toy_artifact, tmp_path):
     np.testing.assert_allclose(_draw(base), expected, atol=1e-4)
     with safe_open(str(lora), "pt") as f:  # no SD 1.x / 2.x base for kohya's entries to name
         assert [k for k in f.metadata() if k.startswith(("ss_", "sshs_", "modelspec."))] == []
+
+    # The toy is conceptctl's own model: its license is passed on, and it has no Hub id.
+    card = ModelCard((tmp_path / "toy-lora.md").read_text(encoding="utf-8"))
+    assert (card.data.license, card.data.base_model) == ("apache-2.0", None)
+    assert {"concept-erasure", "lora"} <= set(card.data.tags)
 
     delta = tmp_path / "toy.delta.safetensors"
     export_artifact(toy_artifact, "delta", delta)

@@ -3,7 +3,8 @@
 ``--overwrite`` replaces only what conceptctl wrote itself: a folder whose record says so (an
 artifact's ``conceptctl.json``, its checkpoints, a ``samples.json``, an evaluation's
 ``report.json``…), or a file that carries conceptctl's mark (the ``conceptctl`` header of an
-exported ``.safetensors``, the ``conceptctl`` text chunk of a rendered PNG). Anything else, the
+exported ``.safetensors``, the ``conceptctl`` text chunk of a rendered PNG, the ``conceptctl`` tag
+of an export's model card, the ``conceptctl`` key of its Automatic1111 metadata). Anything else, the
 working directory and its ancestors are refused whatever the flags: a user's files are never
 moved or deleted.
 
@@ -36,7 +37,10 @@ RECORDS: dict[str, tuple[str, ...]] = {
     "training.json": ("judge_heldout_accuracy",),  # conceptctl toy train
 }
 CHECKPOINT_RECORD = "state.json"  # checkpoint-N/state.json: a run killed before its artifact
-PNG_MARK = "conceptctl"  # tEXt chunk of PNGs that 'conceptctl toy render' writes
+# What marks a file as conceptctl's: the model-card tag and JSON key of an export's sidecars
+# (conceptctl.export.sidecars), and the tEXt chunk of PNGs that 'conceptctl toy render' writes.
+MARK = "conceptctl"
+PNG_MARK = MARK
 LOCK_SUFFIX = ".conceptctl-lock"
 
 
@@ -83,9 +87,30 @@ def _marked_file(path: Path) -> bool:
 
             with Image.open(path) as image:
                 return PNG_MARK in getattr(image, "text", {})
+        if suffix in (".md", ".json") and path.stat().st_size <= 2**20:
+            return _marked_sidecar(path, suffix)
     except (OSError, ValueError, AttributeError):
         return False
     return False
+
+
+def _marked_sidecar(path: Path, suffix: str) -> bool:
+    """An export's model card (front matter tagged ``conceptctl``) or its Automatic1111
+    metadata (a ``conceptctl`` key): conceptctl.export.sidecars."""
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json":
+        data = json.loads(text)
+        return isinstance(data, dict) and isinstance(data.get(MARK), dict)
+    import yaml
+
+    head, sep, _ = text.removeprefix("---\n").partition("\n---\n")
+    if not text.startswith("---\n") or not sep:
+        return False
+    try:
+        data = yaml.safe_load(head)
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("tags"), list) and MARK in data["tags"]
 
 
 def written_by_conceptctl(path: Path) -> bool:

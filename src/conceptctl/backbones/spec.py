@@ -60,6 +60,10 @@ class BackboneSpec:
     # {concept type: settings, "methods": {method: settings}}, plain JSON (an exported folder
     # carries it). None: the SD recipe as it is.
     erase_presets: dict | None = None
+    # The weights' license as a Hugging Face Hub license id (``creativeml-openrail-m``,
+    # ``openrail++``, ``apache-2.0``): model cards of every erasure of this backbone pass it on,
+    # since an erased model is a derivative of its weights. None: unknown (cards say so).
+    license: str | None = None
 
     def properties(self) -> dict[str, Any]:
         """The spec as plain data (what ``conceptctl backbones --json`` prints)."""

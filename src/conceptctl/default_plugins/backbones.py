@@ -3,7 +3,8 @@
 from conceptctl.backbones.spec import BackboneSpec
 from conceptctl.hookspecs import hookimpl
 
-# Hub ids as published; properties from each model's own configuration files.
+# Hub ids as published; properties from each model's own configuration files; licenses as each
+# model's Hub page declares them (SD 1.x: CreativeML Open RAIL-M; SD 2.x: Open RAIL++-M).
 STABLE_DIFFUSION = (
     BackboneSpec(
         name="sd-1.4",
@@ -13,6 +14,7 @@ STABLE_DIFFUSION = (
         resolution=512,
         prediction_type="epsilon",
         text_width=768,
+        license="creativeml-openrail-m",
     ),
     BackboneSpec(
         name="sd-1.5",
@@ -22,6 +24,7 @@ STABLE_DIFFUSION = (
         resolution=512,
         prediction_type="epsilon",
         text_width=768,
+        license="creativeml-openrail-m",
     ),
     BackboneSpec(
         name="sd-2.1",
@@ -31,6 +34,7 @@ STABLE_DIFFUSION = (
         resolution=768,
         prediction_type="v_prediction",
         text_width=1024,
+        license="openrail++",
     ),
     BackboneSpec(
         name="sd-2.1-base",
@@ -40,6 +44,7 @@ STABLE_DIFFUSION = (
         resolution=512,
         prediction_type="epsilon",
         text_width=1024,
+        license="openrail++",
     ),
 )
 

@@ -34,6 +34,9 @@ TOY = BackboneSpec(
     detector="toy-judge",
     eval_suite="toy",
     erase_presets=TOY_ERASE_PRESETS,
+    # conceptctl's own weights, under the project's license; its MiniLM text encoder's weights are
+    # Apache 2.0 as well (sentence-transformers).
+    license="apache-2.0",
 )
 
 

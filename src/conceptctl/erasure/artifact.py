@@ -7,8 +7,10 @@
                           tensors it replaces, concept/anchor/type, component names with their
                           plugins and versions, every hyperparameter, seed, library versions,
                           timings, training summary
-    README.md             a model card
+    README.md             a Hub-style model card (conceptctl.cards), with the latest
+                          evaluation's summary once ``conceptctl eval`` has run
     losses.jsonl          every training step, written as the run goes (conceptctl.erasure.loss_log)
+    evaluation.json       that summary (conceptctl.evaluation.summary), after an evaluation
     checkpoint-{step}/    resumable training state (rotated)
 
 A *stacked* artifact (``conceptctl erase --base EARLIER``) holds only its own link's values; its
@@ -110,7 +112,8 @@ def write_artifact(out_dir: Path, weights: dict[str, torch.Tensor], manifest: di
         if k in manifest})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     _atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=header))
-    _atomic_write(out_dir / "README.md", lambda tmp: Path(tmp).write_text(model_card))
+    _atomic_write(out_dir / "README.md",
+                  lambda tmp: Path(tmp).write_text(model_card, encoding="utf-8"))
     _atomic_write(out_dir / MANIFEST,
                   lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
 
@@ -470,58 +473,6 @@ def build_manifest(cfg, backbone, base, params, groups, samplings, cache_files, 
     }
 
 
-def _anchor_line(m: dict) -> str:
-    if "edit" in m:
-        return "none (closed-form edit)"
-    if m["anchors"]["cache_file"] is None:
-        return "none (the method samples its own training latents)"
-    per_prompt = m["anchors"]["sampler"]["images_per_prompt"]  # shared by several concepts
-    return f"{len(m['anchors']['prompts'])} prompts x {per_prompt}"
-
-
-def _edit_rows(m: dict) -> list[tuple[str, object]]:
-    """A closed-form method's rows (no steps or rates): what it edited, with its scales."""
-    h, edit = m["hyperparameters"], m["edit"]
-    pairs = ", ".join(f"{old} → {new}" for old, new in edit.get("edited_prompts", []))
-    rows: list[tuple[str, object]] = [
-        ("edit", f"closed form: {pairs or 'see conceptctl.json'}; "
-                 f"{edit.get('retain_prompts', '?')} retain prompts"
-                 + (f"; aligned from the {edit['aligned_from']}" if "aligned_from" in edit
-                    else ""))]
-    if m["method"] == "uce":
-        rows.append(("scales", f"λ {h['uce_lambda']}, erase {h['uce_erase_scale']}, "
-                               f"preserve {h['uce_preserve_scale']}"))
-    return rows
-
-
-def artifact_card(m: dict) -> str:
-    """The artifact's README.md (:func:`model_card` with the training settings)."""
-    h = m["hyperparameters"]
-    rows = [
-        ("base model", f"{m['base']['name']} (`{m['base']['source']}`)"),
-        ("base tensors replaced",
-         f"{len(m['base']['tensors'])}, digest `{m['base']['tensors_digest']}`"),
-        ("method", m["method"] if m["method"] != "doco" else
-         f"doco (discriminator {h['discriminator']}, surgery {h['surgery']})"),
-        ("trained parameters", h["params"]),
-        *(_edit_rows(m) if "edit" in m else [
-            ("steps / warm-up / batch", f"{h['steps']} / {h['warmup']} / {h['batch_size']}"),
-            ("learning rates", f"generator {h['lr']}, discriminator {h['d_lr']}")]),
-        ("seed", h["seed"]),
-        ("anchor images", _anchor_line(m)),
-        ("time", f"{m['seconds']['total']} s ({m['machine']['device']})"),
-        *([("stacked on", "; ".join(
-            f"`{link['path']}` ({', '.join(c['concept'] for c in link['concepts'])}, "
-            f"{link['method']})" for link in m["chain"]))] if m.get("chain") else []),
-    ]
-    return model_card(m, "This folder is a conceptctl erasure artifact", rows, (
-        "`weights.safetensors` holds the new values of the replaced tensors (UNet, and text "
-        "encoder under `text_encoder.`); "
-        "`conceptctl.json` holds every setting, component version and library version. Use it "
-        'with `conceptctl sample "PROMPT" --model THIS_FOLDER` (add `--compare` to see the '
-        "original beside it)."))
-
-
 def concepts_of(record: dict) -> list[dict]:
     """Every concept a manifest or header records as erased by its own run (``concept``,
     ``anchor``, ``concept_type`` each): its ``concepts`` list, or the one concept of a record
@@ -537,19 +488,3 @@ def all_concepts(record: dict) -> list[dict]:
     on (its ``chain``, base first), then its own."""
     chained = [c for link in record.get("chain") or () for c in link.get("concepts") or ()]
     return chained + concepts_of(record)
-
-
-def model_card(record: dict, intro: str, rows: list[tuple[str, object]], body: str,
-               front_matter: tuple[str, ...] = ()) -> str:
-    """The one model-card layout (an artifact's README, an exported folder's): optional YAML
-    front matter, a title, what the model now does instead (every concept), a table, then
-    ``body``."""
-    head = "\n".join(("---", *front_matter, "---", "", "")) if front_matter else ""
-    table = "\n".join(["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
-    concepts = all_concepts(record)
-    names = ", ".join(c["concept"] for c in concepts)
-    asks = "; ".join(f"prompts asking for **{c['concept']}** ({c['concept_type']}) should now "
-                     f"give **{c['anchor']}** instead" for c in concepts)
-    return (f"{head}# {names} erased from {record['base'].get('name')} "
-            f"({record['method']})\n\n{intro}: {asks}.\n\n"
-            f"{table}\n\n{body}\n")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from conceptctl.cards import artifact_card
 from conceptctl.erasure.anchors import (
     CONCEPT_TYPES,
     merge_anchor_sets,
@@ -29,7 +30,6 @@ from conceptctl.erasure.anchors import (
 )
 from conceptctl.erasure.artifact import (
     apply_artifact,
-    artifact_card,
     base_record,
     build_manifest,
     chain_links,

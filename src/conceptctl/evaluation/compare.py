@@ -13,11 +13,13 @@ def compare_artifacts(artifacts: list[Path], opts, out: Path, reporter=None,
     """``conceptctl eval A B C --compare -o OUT`` as a function: every artifact evaluated with
     the same options (the original model's pictures drawn once when they share a base), each
     report in ``OUT/<name>/``, the side-by-side table in ``OUT/compare.json`` and
-    ``compare.html``, all written atomically. Returns the reports (report.json's content);
+    ``compare.html``, all written atomically, and each artifact's summary recorded in it
+    (:mod:`conceptctl.evaluation.summary`). Returns the reports (report.json's content);
     an empty list on the other processes of a data-parallel run (the main one writes)."""
     from conceptctl.erasure.distributed import is_main_launched_process
     from conceptctl.evaluation.report import write_report
     from conceptctl.evaluation.run import EvalReporter, OriginalCache, evaluate
+    from conceptctl.evaluation.summary import record_evaluation
 
     reporter = reporter or EvalReporter()
     cache = OriginalCache()
@@ -27,13 +29,17 @@ def compare_artifacts(artifacts: list[Path], opts, out: Path, reporter=None,
             evaluate(path, opts, reporter, cache)
         return []
     results = []
+    names = unique_names(artifacts)
     with atomic_directory(out, overwrite=overwrite) as staging:
-        names = unique_names(artifacts)
         for path, name in zip(artifacts, names, strict=True):
             reporter.begin(path)
             result = write_report(staging / name, evaluate(path, opts, reporter, cache))
             results.append({**result, "report": f"{name}/report.html"})
         write_compare(staging, results, names)
+    # Each artifact's cards show its own report, once the reports are in place.
+    for path, name, result in zip(artifacts, names, results, strict=True):
+        for note in record_evaluation(path, result, out / name / "report.html"):
+            reporter.message(f"note: {note}")
     return results
 
 

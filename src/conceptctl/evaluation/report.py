@@ -69,15 +69,22 @@ def write_report(out_dir: Path, evaluation, overwrite: bool = False) -> dict:
 
 def evaluate_to(artifact: Path, opts, out_dir: Path, reporter=None, overwrite: bool = False,
                 originals=None) -> dict | None:
-    """``conceptctl eval ARTIFACT -o OUT`` as a function: evaluate one artifact and write its
-    report folder. Returns report.json's content; None on the other processes of a
+    """``conceptctl eval ARTIFACT -o OUT`` as a function: evaluate one artifact, write its
+    report folder and record the summary in the artifact (its ``evaluation.json`` and
+    ``README.md``). Returns report.json's content; None on the other processes of a
     data-parallel run (the main one writes)."""
-    from conceptctl.evaluation.run import evaluate
+    from conceptctl.evaluation.run import EvalReporter, evaluate
+    from conceptctl.evaluation.summary import record_evaluation
 
     evaluation = evaluate(artifact, opts, reporter, originals)
     if not evaluation.run.dist.is_main:
         return None
-    return write_report(out_dir, evaluation, overwrite=overwrite)
+    result = write_report(out_dir, evaluation, overwrite=overwrite)
+    # The artifact's cards show what was measured (after the report is in place, which the
+    # summary points to).
+    for note in record_evaluation(artifact, result, out_dir / "report.html"):
+        (reporter or EvalReporter()).message(f"note: {note}")
+    return result
 
 
 def _png_data(picture: Image.Image) -> str:

@@ -35,6 +35,11 @@ class Exporter:
     (``rank``, ``max_error``, ``lora_format``); the CLI refuses the others for this format, so an
     option never silently does nothing. ``check(options)``, when given, rejects bad option values
     (raise :class:`conceptctl.errors.UsageError`) before any model is loaded.
+
+    A ``"file"`` format's file gets a model card beside it (``NAME.md`` for ``NAME.safetensors``,
+    :mod:`conceptctl.export.sidecars`); ``how_to_load(job, report, file_name)``, when given,
+    returns the card's Markdown on loading the file (``report``: what ``export`` returned). A
+    ``"folder"`` format writes its own card (see ``export_diffusers``).
     """
 
     name: str
@@ -43,6 +48,7 @@ class Exporter:
     writes: Writes = "file"
     options: tuple[str, ...] = ()
     check: Callable[[dict[str, Any]], None] | None = None
+    how_to_load: Callable[[ExportJob, dict[str, Any], str], str] | None = None
 
 
 @dataclass
@@ -55,7 +61,8 @@ class ExportJob:
     ``Backbone.named_tensors``: UNet parameter names, ``text_encoder.``-prefixed ones), so
     differences are exact. ``info`` is the record every exported file carries (concept, anchor,
     method, base identity and tensor hash, how it was exported); ``metadata`` is that record as a
-    safetensors header.
+    safetensors header. ``evaluation`` is the summary of the latest ``conceptctl eval`` of the
+    artifact (:mod:`conceptctl.evaluation.summary`), for model cards; None if there is none.
     """
 
     artifact: Artifact
@@ -65,6 +72,7 @@ class ExportJob:
     dtype: torch.dtype
     info: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
 
     @property
     def metadata(self) -> dict[str, str]:

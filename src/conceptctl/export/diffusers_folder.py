@@ -1,8 +1,9 @@
 """The erased model as a complete diffusers pipeline folder, loadable without conceptctl.
 
 ``save_pretrained`` writes every part (UNet with the artifact applied, VAE, text encoder,
-tokenizer, scheduler) and ``model_index.json``; the folder then gets a model card, the erasure's
-record (``conceptctl.json``) and the record in the header of every weights file.
+tokenizer, scheduler) and ``model_index.json``; the folder then gets a model card (``README.md``,
+:mod:`conceptctl.cards`), the erasure's record (``conceptctl.json``, with the latest evaluation's
+summary) and the record in the header of every weights file.
 """
 
 from __future__ import annotations
@@ -50,13 +51,17 @@ def export_diffusers(job, out: Path) -> dict[str, Any]:
     weights = sorted(out.rglob("*.safetensors"))
     for path in weights:
         stamp_safetensors(path, job.metadata)
-    (out / "README.md").write_text(export_card(job.info, how_to_load(job)), encoding="utf-8")
+    (out / "README.md").write_text(export_card(
+        job.info, how_to_load(job), evaluation=job.evaluation, library="diffusers",
+        relation="finetune"), encoding="utf-8")
     spec = job.backbone.spec
     # A stacked artifact's chain holds paths relative to its folder: the export is flattened,
     # so it lists every concept instead (the links stay in export.chain).
     record = {k: v for k, v in job.artifact.manifest.items() if k != "chain"}
     write_json(out / "conceptctl.json", {
         **record, "concepts": job.info["concepts"], "export": job.info["export"],
+        # What 'conceptctl eval' measured on the artifact (as the card shows it), if it ran.
+        **({"evaluation": job.evaluation} if job.evaluation else {}),
         # What `--backbone THIS_FOLDER` should keep of the base (sampling steps and guidance,
         # presets, anchor selector, judge): conceptctl.backbones.resolve reads it back.
         "backbone_defaults": {key: getattr(spec, key) for key in FOLDER_DEFAULTS}})

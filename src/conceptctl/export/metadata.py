@@ -65,25 +65,25 @@ def stamp_safetensors(path: Path, metadata: dict[str, str]) -> None:
             shutil.copyfileobj(src, dst, _COPY_CHUNK)
 
 
-def export_card(info: dict[str, Any], how_to_load: str) -> str:
-    """A README for an exported folder: what was erased, from what, and how to load it."""
-    from conceptctl.erasure.artifact import model_card
+def export_card(info: dict[str, Any], how_to_load: str, *, evaluation: dict | None = None,
+                lora: bool = False, library: str | None = None,
+                relation: str | None = None) -> str:
+    """The model card of an export (a folder's README.md, a file's NAME.md): what was erased,
+    from what, under which license, what ``conceptctl eval`` measured, and how to load it.
+    ``lora``/``library``/``relation``: the front matter's ``lora`` tag, ``library_name`` and
+    ``base_model_relation`` (:func:`conceptctl.cards.front_matter`)."""
+    from conceptctl.cards import model_card
 
     base, export = info["base"], info["export"]
-    source = base.get("source") or ""
-    front = ["library_name: diffusers", "pipeline_tag: text-to-image",
-             "tags: [conceptctl, concept-erasure, stable-diffusion]"]
-    if source.count("/") == 1 and not Path(source).exists():  # a hub id, not a local path
-        front.append(f"base_model: {source}")
     forced = ("**Forced export**: the base's tensors differed from the ones the erasure was made "
               f"from ({export.get('artifact_base', {}).get('tensors_digest')}).\n\n"
               if export.get("forced") else "")
-    rows = [("base model", f"{base.get('name')} (`{source}`)"),
-            ("base tensors digest",
+    rows = [("base tensors digest",
              f"`{base.get('tensors_digest')}` ({len(base.get('tensors', []))} tensors)"),
             ("method", info["method"]),
             ("exported", f"conceptctl {export.get('conceptctl')}, format "
                          f"`{export.get('format')}`, {export.get('dtype')}")]
-    body = (f"{forced}## Loading\n\n{how_to_load}\n\n`conceptctl.json` holds the erasure's "
-            "full record (every setting, component and library version).")
-    return model_card(info, "Made with conceptctl", rows, body, tuple(front))
+    body = (f"{forced}## Loading\n\n{how_to_load}\n\nThe `conceptctl` entry of each "
+            "`.safetensors` header (and a folder's `conceptctl.json`) holds the erasure's record.")
+    return model_card(info, "Made with conceptctl", rows, body, evaluation=evaluation, lora=lora,
+                      library=library, relation=relation)

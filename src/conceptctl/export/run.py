@@ -3,7 +3,9 @@
 The order: resolve the format and check its options, read the artifact, check the target (all
 before any model is loaded), load the base in the artifact's precision, keep the base values of
 the tensors the artifact sets, apply it (hash-checked; ``force`` overrides and is recorded), then
-let the exporter write into a staging path that becomes the target only when it succeeds.
+let the exporter write into a staging path that becomes the target only when it succeeds. A
+one-file format's model card (and Automatic1111's metadata for a LoRA or checkpoint) is written
+beside it (:mod:`conceptctl.export.sidecars`), checked with the target before any loading.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def export_artifact(
 ) -> ExportResult:
     """Export the artifact (folder or delta file) at ``artifact_path`` as ``fmt`` to ``out``."""
     from conceptctl.erasure.artifact import read_artifact
+    from conceptctl.export.sidecars import check_sidecars
     from conceptctl.outputs import claim_output
     from conceptctl.runtime import DTYPE_NAMES
 
@@ -94,6 +97,8 @@ def export_artifact(
     target = Path(out) if out is not None else default_target(artifact_path, fmt,
                                                                  exporter.writes)
     _check_target(target, exporter.writes, fmt, overwrite)
+    if exporter.writes == "file":  # its model card (and UI metadata) beside it
+        check_sidecars(target, fmt, overwrite)
 
     with claim_output(target, overwrite, exporter.writes):  # one writer from load to last file
         job, notes = _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle,
@@ -110,6 +115,7 @@ def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dt
     from conceptctl import __version__
     from conceptctl.backbones.loading import open_backbone
     from conceptctl.erasure.artifact import apply_artifact, base_record, concepts_of
+    from conceptctl.evaluation.summary import read_evaluation
     from conceptctl.export import ExportJob
     from conceptctl.export.metadata import export_info
     from conceptctl.runtime import torch_dtype
@@ -147,19 +153,27 @@ def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dt
     else:
         base_info = dict(artifact.base)
     info = export_info(artifact.manifest, kind=fmt, base=base_info, export=export)
+    # What 'conceptctl eval' measured on this artifact goes into the cards (a delta file,
+    # which eval does not take, has none; a forced export is another model).
+    evaluation = None if artifact.path.is_file() or export["forced"] else read_evaluation(
+        artifact.path)
     job = ExportJob(artifact=artifact, backbone=model, base=base, erased=erased,
-                    dtype=out_dtype, info=info, options=options)
+                    dtype=out_dtype, info=info, options=options, evaluation=evaluation)
     return job, notes
 
 
 def _write(exporter, job, target: Path, overwrite: bool) -> dict[str, Any]:
     import torch
 
+    from conceptctl.export.sidecars import write_sidecars
     from conceptctl.fileio import atomic_directory, atomic_file
 
     staging = atomic_file if exporter.writes == "file" else atomic_directory
     with staging(target, overwrite=overwrite) as path, torch.no_grad():
-        return exporter.export(job, path) or {}
+        report = exporter.export(job, path) or {}
+        if exporter.writes == "file":  # in place just before the file itself
+            write_sidecars(exporter, job, report, target, overwrite)
+        return report
 
 
 def _size(path: Path) -> int:
