@@ -82,19 +82,25 @@ def record_evaluation(artifact_dir: Path, result: dict, report: Path) -> list[st
     readme = artifact_dir / "README.md"
     try:
         manifest = json.loads((artifact_dir / MANIFEST).read_text(encoding="utf-8"))
-        previous = read_evaluation(artifact_dir)
-        ours = not readme.exists() or readme.read_text(encoding="utf-8") == artifact_card(
-            manifest, previous)
+        try:  # the card as conceptctl last wrote it, and as it is now
+            written = artifact_card(manifest, read_evaluation(artifact_dir))
+            card = artifact_card(manifest, summary)
+        except (KeyError, TypeError, ValueError):  # a record without what the card shows
+            written = card = None
         with staged_file(artifact_dir / EVALUATION) as tmp:
             write_json(tmp, summary)
-        if ours:
+        if card is not None and (not readme.exists()
+                                 or readme.read_text(encoding="utf-8") == written):
             with staged_file(readme) as tmp:
-                tmp.write_text(artifact_card(manifest, summary), encoding="utf-8")
-    except OSError as err:  # e.g. a read-only folder: the report itself is complete
-        return [f"could not record the evaluation in {artifact_dir}: {err.strerror or err}"]
-    if not ours:
-        return [f"{readme} is not the card conceptctl wrote (edited, or from an older "
-                f"conceptctl), so it was left as it is; the summary is in "
-                f"{artifact_dir / EVALUATION} and in the card of every export (delete the "
-                "README and evaluate again to have it rewritten)"]
-    return []
+                tmp.write_text(card, encoding="utf-8")
+            return []
+    except (OSError, ValueError) as err:  # e.g. a read-only folder: the report is complete
+        return [f"could not record the evaluation in {artifact_dir}: "
+                f"{getattr(err, 'strerror', None) or err}"]
+    if card is None:
+        return [f"{artifact_dir / MANIFEST} lacks what the card shows, so {readme} was left "
+                f"as it is; the summary is in {artifact_dir / EVALUATION}"]
+    return [f"{readme} is not the card conceptctl wrote (edited, or from an older "
+            f"conceptctl), so it was left as it is; the summary is in "
+            f"{artifact_dir / EVALUATION} and in the card of every export (delete the "
+            "README and evaluate again to have it rewritten)"]
