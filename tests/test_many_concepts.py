@@ -217,6 +217,18 @@ def test_eval_scores_each_concept_of_a_several_concept_artifact(cli, tmp_path):
     assert "[airplane]" in result.out  # the console table tags each row with its concept
     page = (out / "report.html").read_text()
     assert "id='concepts'" in page and "airplane" in page
+    # Every concept's pictures are kept and shown, each concept's in folders of its own.
+    for n, part in enumerate(parts, 1):
+        folder = f"{n}-{part['concept']}"
+        files = [e[m]["file"] for e in part["images"] for m in ("original", "erased")]
+        assert len(files) == 2 * sum(part["suite"]["groups"].values())  # -n 1
+        assert all(f.startswith(f"images/{folder}/") and (out / f).is_file() for f in files)
+        targets = [e["expect"] for e in part["images"] if e["group"] == "target"]
+        assert targets and all(t == {"object": part["concept"]} for t in targets)
+        attacked = [f for row in part["attacks"][0]["rows"] for f in row["files"]]
+        assert attacked and all(f.startswith(f"attacks/{folder}/paraphrase/") for f in attacked)
+        assert f"<h2 class='concept-pictures'>{part['concept']} → house</h2>" in page
+    assert report["images"] == parts[0]["images"]
 
 
 def test_compare_and_verdict_of_several_concepts():

@@ -5,6 +5,9 @@ self-contained page: verdict, chart, grids) and the pictures it was computed fro
     report.html
     images/<group>/<case>-<k>-original.png, ...-erased.png
     attacks/<attack>/<case>-<j>.png
+
+An artifact of several concepts: ``images/<n>-<concept>/<group>/…`` and
+``attacks/<n>-<concept>/<attack>/…``, every concept's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from PIL import Image
 
 from conceptctl.evaluation.cases import PASS_THRESHOLD
 from conceptctl.fileio import atomic_directory, write_json
+from conceptctl.sampling import slug
 
 GRID_ROWS = 12  # cases shown per group in the HTML page (all are saved as files)
 
@@ -29,42 +33,64 @@ def image_name(case, k: int, model: str) -> str:
 
 def write_report(out_dir: Path, evaluation, overwrite: bool = False) -> dict:
     """Write one :class:`~conceptctl.evaluation.run.Evaluation` as a report folder (atomically);
-    returns report.json's content."""
-    result, run, attempts_per_attack = (evaluation.result, evaluation.run,
-                                        evaluation.attack_attempts)
+    returns report.json's content. An artifact of several concepts gets every concept's pictures,
+    each concept's in folders of its own (``images/<n>-<concept>/``, ``attacks/<n>-<concept>/``)
+    and listed under its entry of ``concepts``; the top-level ``images`` and attack files stay
+    the first concept's, as the top-level metrics are."""
+    result = evaluation.result
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
+        if evaluation.concept_runs:
+            parts = []
+            for n, (part, (run, attempts)) in enumerate(
+                    zip(result["concepts"], evaluation.concept_runs, strict=True), 1):
+                images, attacks = _write_pictures(staging, f"{n}-{slug(part['concept'])}/", run,
+                                                  part["attacks"], attempts)
+                parts.append({**part, "attacks": attacks, "images": images})
+            result = {**result, "concepts": parts, "attacks": parts[0]["attacks"],
+                      "images": parts[0]["images"]}
+        else:
+            images, attacks = _write_pictures(staging, "", evaluation.run, result["attacks"],
+                                              evaluation.attack_attempts)
+            result = {**result, "attacks": attacks, "images": images}
+        write_json(staging / "report.json", result)
+        (staging / "report.html").write_text(
+            render_html(result, evaluation.run, evaluation.attack_attempts,
+                        evaluation.concept_runs), encoding="utf-8")
+    return result
+
+
+def _write_pictures(staging: Path, sub: str, run, summaries: list[dict],
+                    attempts_per_attack) -> tuple[list[dict], list[dict]]:
+    """Save one concept's pictures under ``images/<sub>`` and its attacks' under
+    ``attacks/<sub>``; (picture records, attack summaries with each row's files)."""
     k = run.suite.images_per_prompt
     records = []
+    for i, case in enumerate(run.cases_of):
+        j = i % k
+        where = f"images/{sub}{case.group}"
+        (staging / where).mkdir(parents=True, exist_ok=True)
+        entry = {"group": case.group, "case_number": case.case_number,
+                 "prompt": case.prompt, "seed": case.seed + j, "index": j,
+                 "guidance": run.draw.guidance if case.guidance is None else case.guidance,
+                 "expect": case.expect}
+        for model, judged in (("original", run.original), ("erased", run.erased)):
+            name = image_name(case, j, model)
+            Image.fromarray(judged.images[i]).save(staging / where / name)
+            entry[model] = {"file": f"{where}/{name}",
+                            "labels": None if judged.labels is None else judged.labels[i]}
+        records.append(entry)
     attacks = [dict(summary, rows=[dict(row) for row in summary["rows"]])
-               for summary in result["attacks"]]
-    with atomic_directory(out_dir, overwrite=overwrite) as staging:
-        for i, case in enumerate(run.cases_of):
-            j = i % k
-            folder = staging / "images" / case.group
-            folder.mkdir(parents=True, exist_ok=True)
-            entry = {"group": case.group, "case_number": case.case_number,
-                     "prompt": case.prompt, "seed": case.seed + j, "index": j,
-                     "guidance": run.draw.guidance if case.guidance is None else case.guidance,
-                     "expect": case.expect}
-            for model, judged in (("original", run.original), ("erased", run.erased)):
-                name = image_name(case, j, model)
-                Image.fromarray(judged.images[i]).save(folder / name)
-                entry[model] = {"file": f"images/{case.group}/{name}",
-                                "labels": None if judged.labels is None else judged.labels[i]}
-            records.append(entry)
-        for summary, attempts in zip(attacks, attempts_per_attack, strict=True):
-            folder = staging / "attacks" / summary["attack"]
-            for row, attempt in zip(summary["rows"], attempts, strict=True):
-                folder.mkdir(parents=True, exist_ok=True)
-                row["files"] = []
-                for j, picture in enumerate(attempt.images):
-                    name = f"{attempt.case.case_number:04d}-{j}.png"
-                    Image.fromarray(picture).save(folder / name)
-                    row["files"].append(f"attacks/{summary['attack']}/{name}")
-        result = {**result, "attacks": attacks, "images": records}
-        write_json(staging / "report.json", result)
-        (staging / "report.html").write_text(render_html(result, run, attempts_per_attack),
-                                             encoding="utf-8")
-    return result
+               for summary in summaries]
+    for summary, attempts in zip(attacks, attempts_per_attack, strict=True):
+        where = f"attacks/{sub}{summary['attack']}"
+        for row, attempt in zip(summary["rows"], attempts, strict=True):
+            (staging / where).mkdir(parents=True, exist_ok=True)
+            row["files"] = []
+            for j, picture in enumerate(attempt.images):
+                name = f"{attempt.case.case_number:04d}-{j}.png"
+                Image.fromarray(picture).save(staging / where / name)
+                row["files"].append(f"{where}/{name}")
+    return records, attacks
 
 
 def evaluate_to(artifact: Path, opts, out_dir: Path, reporter=None, overwrite: bool = False,
@@ -242,8 +268,21 @@ def _attack_grids(attacks: list[dict], attempts_per_attack) -> list[dict]:
     return grids
 
 
-def render_html(result: dict, run, attempts_per_attack) -> str:
-    """report.html: the page of one evaluation, from templates/report.html."""
+def _picture_sections(result: dict, run, attempts_per_attack, concept_runs) -> list[dict]:
+    """The pictures' sections: one per concept of a several-concept artifact (titled with the
+    concept), else one untitled."""
+    if not concept_runs:
+        return [{"concept": None, "grids": _grids(run),
+                 "attack_grids": _attack_grids(result["attacks"], attempts_per_attack)}]
+    return [{"concept": f"{part['concept']} → {part['anchor']}", "grids": _grids(part_run),
+             "attack_grids": _attack_grids(part["attacks"], attempts)}
+            for part, (part_run, attempts) in zip(result["concepts"], concept_runs, strict=True)]
+
+
+def render_html(result: dict, run, attempts_per_attack, concept_runs=()) -> str:
+    """report.html: the page of one evaluation, from templates/report.html; ``concept_runs``:
+    each concept's (run, attack attempts) of a several-concept artifact, whose pictures are
+    shown concept by concept."""
     from conceptctl.evaluation.pages import render_page
 
     art, verdict = result["artifact"], result["verdict"]
@@ -256,6 +295,6 @@ def render_html(result: dict, run, attempts_per_attack) -> str:
         colour=colour, verdict=verdict["text"], concepts=_concept_rows(result),
         chart=_chart(result["metrics"]), metrics=_metric_rows(result["metrics"]),
         attacks=_attack_rows(result["attacks"]), sweep=_sweep_chart(result["attacks"]),
-        grids=_grids(run), attack_grids=_attack_grids(result["attacks"], attempts_per_attack),
+        pictures=_picture_sections(result, run, attempts_per_attack, concept_runs),
         reproduce=json.dumps({k: result[k] for k in ("suite", "draw", "detector", "versions")},
                              indent=2))

@@ -155,6 +155,9 @@ class Evaluation:
     result: dict  # everything report.json holds but the picture files
     run: EvalRun  # the pictures, their labels, the two models
     attack_attempts: list[list]  # per attack in result["attacks"], its attempts' pictures
+    # An artifact of several concepts: each concept's (run, attack attempts), in the order of
+    # result["concepts"] (the first is ``run``'s); empty for one concept.
+    concept_runs: list[tuple[EvalRun, list[list]]] = field(default_factory=list)
 
 
 def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | None = None,
@@ -236,7 +239,9 @@ def evaluate(artifact_dir: Path, opts: EvalOptions, reporter: EvalReporter | Non
         result["verdict"] = combined_verdict(result["concepts"])
     result["seconds"] = {"drawing": round(draw_seconds, 1), "attacks": round(attack_seconds, 1),
                          "total": round(time.time() - started, 1)}
-    return Evaluation(result, run, [a["attempts"] for a in attacks])
+    concept_runs = [(part_run, [a["attempts"] for a in part_attacks])
+                    for part_run, _, part_attacks in parts] if len(parts) > 1 else []
+    return Evaluation(result, run, [a["attempts"] for a in attacks], concept_runs)
 
 
 def concept_views(manifest: dict, chain: list[dict] = ()) -> list[dict]:
