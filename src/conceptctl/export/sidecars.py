@@ -133,7 +133,8 @@ def a1111_metadata(fmt: str, job, target: Path, card_name: str) -> dict[str, Any
 
 
 def _base_ref(job) -> tuple[str, str]:
-    """What to write where a snippet needs the base, and a sentence if it is a placeholder."""
+    """What to write where a snippet needs the base, and (when that is no Hub id) a sentence
+    saying what to put there."""
     from conceptctl.cards import identify_base
 
     hub = identify_base(job.info["base"]).hub_id
@@ -144,7 +145,7 @@ def _base_ref(job) -> tuple[str, str]:
 
 
 def lora_how_to_load(job, report: dict[str, Any], name: str) -> str:
-    base, placeholder = _base_ref(job)
+    base, base_note = _base_ref(job)
     stem = Path(name).stem
     lines = ["```python", "from diffusers import StableDiffusionPipeline", "",
              f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
@@ -152,8 +153,8 @@ def lora_how_to_load(job, report: dict[str, Any], name: str) -> str:
              'image = pipe("a prompt").images[0]', "```", "",
              "At weight 1.0 the adapter is the erased model's change (`pipe.fuse_lora()` bakes "
              "it in)."]
-    if placeholder:
-        lines += ["", placeholder]
+    if base_note:
+        lines += ["", base_note]
     if report.get("lora_format") == "kohya":
         lines += ["", f"Automatic1111: copy `{name}` (and `{stem}.json`, which tells it the SD "
                       f"version) to `models/Lora/` and add `<lora:{stem}:1>` to the prompt. "
@@ -163,15 +164,15 @@ def lora_how_to_load(job, report: dict[str, Any], name: str) -> str:
 
 
 def single_file_how_to_load(job, report: dict[str, Any], name: str) -> str:
-    base, placeholder = _base_ref(job)
+    base, base_note = _base_ref(job)
     lines = ["```python", "from diffusers import StableDiffusionPipeline", "",
              f'pipe = StableDiffusionPipeline.from_single_file("{name}", config="{base}")',
              'image = pipe("a prompt").images[0]', "```", "",
              "`config=` names the base's configuration (a local diffusers folder of it works "
              "offline). Automatic1111: copy the file to `models/Stable-diffusion/`; ComfyUI: to "
              "`models/checkpoints/`."]
-    if placeholder:
-        lines += ["", placeholder]
+    if base_note:
+        lines += ["", base_note]
     if report.get("prediction_type") == "v_prediction":
         lines += ["", "The UNet predicts v (`v_prediction`), which the file itself does not say: "
                       "a tool that guesses the configuration from the keys may have to be told."]
