@@ -203,7 +203,8 @@ def _fmt(value, unit: str = "share") -> str:
 
 def _concept_rows(result: dict) -> list[dict]:
     """A several-concept report: each concept's erasure, worst preservation, attacks and
-    verdict (the sections below show the first concept's suite); none for one concept."""
+    verdict (the metrics below are the first concept's, the pictures every concept's); none
+    for one concept."""
     rows = []
     for part in result.get("concepts", []):
         erasure = {m["group"]: m["value"] for m in part["metrics"] if m["metric"] == "erasure"}
