@@ -89,17 +89,18 @@ def card_text(exporter, job, report: dict[str, Any], target: Path) -> str:
                        library="diffusers" if lora else None, relation=relation)
 
 
-def sd_version(job) -> str:
+def a1111_sd_version(job) -> str:
     """Automatic1111's name for the base's architecture: SD1, SD2 or Unknown (from the
-    backbone's family, else from its CLIP text encoder: quick-GELU OpenAI CLIP is SD 1.x's,
-    GELU OpenCLIP SD 2.x's, the test the single-file exporter also uses)."""
+    backbone's family, else from its text encoder as kohya's header entries decide it)."""
+    from conceptctl.export.kohya import sd_version
+
     family = job.info["base"].get("family")
     if family in ("sd1", "sd2"):
         return family.upper()
-    encoder = job.backbone.text_encoder
-    if type(encoder).__name__ == "CLIPTextModel":
-        return {"quick_gelu": "SD1", "gelu": "SD2"}.get(encoder.config.hidden_act, "Unknown")
-    return "Unknown"
+    version = sd_version(job.backbone)
+    if version is None:
+        return "Unknown"
+    return "SD2" if version[0] else "SD1"
 
 
 def a1111_metadata(fmt: str, job, target: Path, card_name: str) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def a1111_metadata(fmt: str, job, target: Path, card_name: str) -> dict[str, Any
     data: dict[str, Any] = {"description": description, "notes": notes}
     if fmt == "lora":
         # The adapter is the erased model's change at strength 1: <lora:NAME:1>.
-        data |= {"sd version": sd_version(job), "preferred weight": 1.0,
+        data |= {"sd version": a1111_sd_version(job), "preferred weight": 1.0,
                  "activation text": ""}  # the erasure needs no trigger word
     data[MARK] = {"file": Path(target).name, "card": card_name, "format": fmt}
     return data
