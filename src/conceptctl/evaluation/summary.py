@@ -49,16 +49,18 @@ def summarize(result: dict, report: Path) -> dict:
     }
 
 
-def read_evaluation(artifact_dir: Path) -> dict | None:
+def read_evaluation(artifact_dir: Path, weights_sha256: str | None = None) -> dict | None:
     """The artifact's latest evaluation summary, if it has one that measured its current
-    weights (anything else, an unreadable file included, is no summary)."""
+    weights (anything else, an unreadable file included, is no summary). ``weights_sha256``:
+    the weights file's hash when the caller has it (an evaluation just computed it: a full
+    UNet's file is gigabytes to read again)."""
     from conceptctl.erasure.artifact import WEIGHTS
     from conceptctl.fingerprint import file_sha256
 
     artifact_dir = Path(artifact_dir)
     try:
         summary = json.loads((artifact_dir / EVALUATION).read_text(encoding="utf-8"))
-        current = file_sha256(artifact_dir / WEIGHTS)
+        current = weights_sha256 or file_sha256(artifact_dir / WEIGHTS)
     except (OSError, ValueError):
         return None
     if not isinstance(summary, dict) or summary.get("format_version") != FORMAT_VERSION:
@@ -83,7 +85,8 @@ def record_evaluation(artifact_dir: Path, result: dict, report: Path) -> list[st
     try:
         manifest = json.loads((artifact_dir / MANIFEST).read_text(encoding="utf-8"))
         try:  # the card as conceptctl last wrote it, and as it is now
-            written = artifact_card(manifest, read_evaluation(artifact_dir))
+            written = artifact_card(manifest, read_evaluation(
+                artifact_dir, result["artifact"]["weights_sha256"]))
             card = artifact_card(manifest, summary)
         except (KeyError, TypeError, ValueError):  # a record without what the card shows
             written = card = None
