@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated settings home, fresh plugins per test, tiny SD-shaped pipelines."""
+"""Shared fixtures: an isolated settings home, fresh plugins per test, tiny SD-shaped pipelines
+(SD1, SD2, SDXL)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ def tiny_sd2(tmp_path_factory):
     from conceptctl.testing import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd2", "sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A saved SDXL-like folder: two text encoders (32 and 64 wide), pooled and size/crop
+    conditioning, transformer depth 2, Euler."""
+    from conceptctl.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", "sdxl")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,13 @@ file layout but a few hundred thousand random parameters:
 * ``sd1``: epsilon prediction, conv projections in the transformer blocks, a CLIP text encoder
   with quick-GELU (the SD 1.4 / 1.5 layout);
 * ``sd2``: v-prediction, linear projections, per-block head dims and a wider GELU text encoder
-  (the SD 2.1 layout).
+  (the SD 2.1 layout);
+* ``sdxl``: a ``StableDiffusionXLPipeline``: two CLIP text encoders of different widths (a
+  quick-GELU ``CLIPTextModel`` and a GELU ``CLIPTextModelWithProjection`` whose projection gives
+  the pooled embedding), the UNet conditioned on their penultimate hidden states side by side
+  and on the pooled embedding plus the six size/crop numbers (``addition_embed_type
+  "text_time"``), two transformer blocks deep in its attention blocks, and SDXL's Euler
+  scheduler (the SDXL 1.0 layout).
 
 The tokenizer is a genuine :class:`transformers.CLIPTokenizer` over a byte-level vocabulary with a
 handful of merges, so prompts tokenise the way SD's tokenizer would, only into more pieces.
@@ -20,7 +26,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-Flavor = Literal["sd1", "sd2"]
+Flavor = Literal["sd1", "sd2", "sdxl"]
+FLAVORS = ("sd1", "sd2", "sdxl")
 
 # A few merges so that common words are not tokenised byte by byte; any text still encodes.
 _MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("o", "f</w>")]
@@ -40,8 +47,9 @@ def _byte_unicode_chars() -> list[str]:
     return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
 
 
-def build_tiny_tokenizer(model_max_length: int = 77):
-    """A CLIPTokenizer with a byte-level vocabulary (520 tokens) built offline."""
+def build_tiny_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
+    """A CLIPTokenizer with a byte-level vocabulary (520 tokens) built offline. ``pad_token``:
+    SDXL's second tokenizer pads with ``!`` instead of the end token."""
     from transformers import CLIPTokenizer
 
     chars = _byte_unicode_chars()
@@ -51,19 +59,23 @@ def build_tiny_tokenizer(model_max_length: int = 77):
         (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
         merges = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in _MERGES) + "\n"
         (Path(tmp) / "merges.txt").write_text(merges)
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length,
+                                             pad_token=pad_token)
 
 
 def build_tiny_pipeline(flavor: Flavor = "sd1", seed: int = 0):
-    """Build a random-weight StableDiffusionPipeline of the given flavour (same seed, same one)."""
+    """Build a random-weight pipeline of the given flavour (same seed, same one): a
+    StableDiffusionPipeline, or for ``sdxl`` a StableDiffusionXLPipeline."""
     from conceptctl.runtime import quiet_libraries
 
     quiet_libraries()
     import torch
     from diffusers import StableDiffusionPipeline
 
-    if flavor not in ("sd1", "sd2"):
-        raise ValueError(f"flavor must be 'sd1' or 'sd2', not {flavor!r}")
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, not {flavor!r}")
+    if flavor == "sdxl":
+        return _tiny_sdxl_pipeline(seed)
     sd2 = flavor == "sd2"
     tokenizer = build_tiny_tokenizer()
     text_width = 64 if sd2 else 32
@@ -74,6 +86,57 @@ def build_tiny_pipeline(flavor: Flavor = "sd1", seed: int = 0):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=_tiny_scheduler(sd2), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
+
+
+# The tiny SDXL's text encoders: (hidden width, pooled projection width) of the second; the UNet
+# reads both encoders' hidden states side by side (32 + 64 wide). The projection is narrower
+# than the second encoder (SDXL's are equal, 1280) so that code reading the pooled width from
+# the hidden width fails here.
+_SDXL_WIDTHS = (32, 64)
+_SDXL_POOLED = 48
+_SDXL_TIME_EMBED = 8  # per size/crop number; SDXL: 256
+
+
+def _tiny_sdxl_pipeline(seed: int):
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer_2 = build_tiny_tokenizer(pad_token="!")
+    torch.manual_seed(seed)  # the four models draw their weights in this order
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        # SDXL: no attention in the first (highest-resolution) block, then deeper and deeper
+        # transformer stacks ([1, 2, 10]; the mid block takes the last depth).
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=sum(_SDXL_WIDTHS),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_SDXL_TIME_EMBED,
+        # The pooled embedding and six size/crop numbers, each embedded to _SDXL_TIME_EMBED.
+        projection_class_embeddings_input_dim=_SDXL_POOLED + 6 * _SDXL_TIME_EMBED,
+        norm_num_groups=8,
+    )
+    vae = _tiny_vae(scaling_factor=0.13025)  # SDXL's VAE scaling
+    text_encoder = _tiny_text_encoder(tokenizer, False, _SDXL_WIDTHS[0])
+    text_encoder_2 = _tiny_text_encoder(tokenizer_2, True, _SDXL_WIDTHS[1],
+                                        projection_dim=_SDXL_POOLED)
+    # SDXL 1.0's scheduler config (scheduler/scheduler_config.json of the base model).
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        interpolation_type="linear", use_karras_sigmas=False, prediction_type="epsilon")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
 def _tiny_unet(sd2: bool, text_width: int):
@@ -96,7 +159,7 @@ def _tiny_unet(sd2: bool, text_width: int):
     )
 
 
-def _tiny_vae():
+def _tiny_vae(scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -109,21 +172,24 @@ def _tiny_vae():
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=16,
+        scaling_factor=scaling_factor,
     )
 
 
-def _tiny_text_encoder(tokenizer, sd2: bool, text_width: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_text_encoder(tokenizer, gelu: bool, text_width: int, projection_dim: int | None = None):
+    """A CLIP text encoder; with ``projection_dim`` one with SDXL's pooled projection."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(CLIPTextConfig(
+    model = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return model(CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=text_width,
         intermediate_size=2 * text_width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        hidden_act="gelu" if sd2 else "quick_gelu",
-        projection_dim=text_width,
+        hidden_act="gelu" if gelu else "quick_gelu",
+        projection_dim=projection_dim or text_width,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
