@@ -109,6 +109,8 @@ def front_matter(identity: BaseIdentity, method: str, *, lora: bool = False,
         tags.append("lora")
     if identity.family in ("sd1", "sd2"):
         tags.append("stable-diffusion")
+    elif identity.family == "sdxl":  # the Hub's tag for SDXL models
+        tags.append("stable-diffusion-xl")
     extra = {"base_model_relation": relation} if relation and identity.hub_id else {}
     return ModelCardData(license=identity.license, base_model=identity.hub_id,
                          library_name=library, pipeline_tag="text-to-image",

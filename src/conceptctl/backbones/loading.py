@@ -12,6 +12,12 @@ from conceptctl.runtime import DTYPE_NAMES, quiet_libraries, torch_dtype
 # Stable Diffusion ships a safety checker; erasure must see (and evaluate) the raw model output,
 # and the checker needs CLIP-image weights that are not always available, so it is never loaded.
 NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+# SDXL has no safety checker but stamps an invisible watermark into the pixels when the
+# invisible-watermark package is installed: the raw output again, whatever is installed.
+NO_WATERMARK = dict(add_watermarker=False)
+# A diffusers folder or hub repo is built as the class its model_index.json names, so it gets
+# both; each pipeline class ignores the other's keywords.
+RAW_OUTPUT = NO_SAFETY_CHECKER | NO_WATERMARK
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -34,24 +40,37 @@ def _offline_hint(spec: BackboneSpec) -> str:
     )
 
 
+def single_file_is_sdxl(source: str, config: str | None) -> bool:
+    """Whether a single-file checkpoint is to be built as an SDXL pipeline: as the
+    ``--backbone-config`` folder's model_index.json says, else as the checkpoint's own keys
+    say (an original-layout file names no pipeline class)."""
+    from conceptctl.backbones.architecture import file_is_sdxl, folder_is_sdxl
+
+    if config is not None and (Path(config) / "model_index.json").is_file():
+        return folder_is_sdxl(config)
+    return file_is_sdxl(source)
+
+
 def _load_pipeline(spec: BackboneSpec, options: LoadOptions):
     quiet_libraries()
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     dtype = torch_dtype(options.dtype)
     source = spec.source
     if source is None:
         raise BackboneError(f"backbone {spec.name!r} has neither a source nor a loader")
     if spec.format == "single-file":
-        kwargs = dict(NO_SAFETY_CHECKER, dtype=dtype)
+        xl = single_file_is_sdxl(source, options.config)
+        cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+        kwargs = dict(NO_WATERMARK if xl else NO_SAFETY_CHECKER, dtype=dtype)
         if options.config:
             kwargs["config"] = options.config
         try:
-            return StableDiffusionPipeline.from_single_file(source, **kwargs)
+            return cls.from_single_file(source, **kwargs)
         except (OSError, ValueError) as err:
             hint = (
                 "pass --backbone-config with the matching diffusers folder (configs and tokenizer "
-                "are enough), e.g. the sd-1.5 or sd-2.1 folder"
+                "are enough), e.g. the sd-1.5, sd-2.1 or sdxl-1.0 folder"
                 if not options.config
                 else "check that --backbone-config matches the checkpoint's architecture"
             )
@@ -59,7 +78,7 @@ def _load_pipeline(spec: BackboneSpec, options: LoadOptions):
                                 hint=hint) from err
     is_local = Path(source).exists()
     try:
-        return DiffusionPipeline.from_pretrained(source, dtype=dtype, **NO_SAFETY_CHECKER)
+        return DiffusionPipeline.from_pretrained(source, dtype=dtype, **RAW_OUTPUT)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         # A local folder's broken or foreign configs (a '{}' model_index.json: KeyError) are the
         # folder's problem, not a bug: say which folder and what diffusers found.
@@ -87,7 +106,8 @@ def load_backbone(spec: BackboneSpec, options: LoadOptions | None = None):
         raise BackboneError(
             f"{spec.source} is a {type(pipeline).__name__}, not a Stable-Diffusion-shaped "
             f"pipeline (missing: {', '.join(missing)})",
-            hint="conceptctl supports SD 1.x / 2.x layouts: UNet, VAE, text encoder, tokenizer",
+            hint="conceptctl supports SD 1.x / 2.x and SDXL layouts: UNet, VAE, text encoder, "
+            "tokenizer",
         )
     return wrap_pipeline(spec, pipeline, options)
 

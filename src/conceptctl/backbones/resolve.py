@@ -2,7 +2,8 @@
 
 Accepted, in this order: a registered name (``sd-1.5``), an existing local diffusers folder, an
 existing single ``.safetensors`` checkpoint, or a hub id (``org/name``). Pickle checkpoints are
-refused unless the caller opts in, since unpickling runs arbitrary code.
+refused unless the caller opts in, since unpickling runs arbitrary code. A folder or checkpoint
+of SDXL's architecture gets SDXL's defaults (conceptctl.backbones.architecture).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+from conceptctl.backbones.architecture import SDXL_DEFAULTS, is_sdxl_source
 from conceptctl.backbones.spec import FOLDER_DEFAULTS, BackboneSpec
 from conceptctl.errors import BackboneError, UnknownComponentError, UnsafeFileError
 from conceptctl.registry import get_registry
@@ -34,10 +36,12 @@ def _from_path(path: Path, allow_pickle: bool) -> BackboneSpec:
                 f"{path} is not a diffusers pipeline folder (it has no model_index.json)",
                 hint="point --backbone at the folder that holds model_index.json, unet/, vae/ …",
             )
-        return BackboneSpec(name=str(path), source=str(path), **_exported_defaults(path))
+        return BackboneSpec(name=str(path), source=str(path),
+                            **{**_architecture_defaults(path), **_exported_defaults(path)})
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return BackboneSpec(name=str(path), source=str(path), format="single-file")
+        return BackboneSpec(name=str(path), source=str(path), format="single-file",
+                            **_architecture_defaults(path))
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise UnsafeFileError(
@@ -50,6 +54,12 @@ def _from_path(path: Path, allow_pickle: bool) -> BackboneSpec:
         f"{path} is neither a diffusers folder nor a .safetensors checkpoint",
         hint="give a folder with model_index.json, a .safetensors file, a hub id or a known name",
     )
+
+
+def _architecture_defaults(path: Path) -> dict:
+    """The defaults that suit the architecture a folder or checkpoint holds (SDXL's; none for
+    SD 1.x / 2.x, whose defaults are conceptctl's own)."""
+    return dict(SDXL_DEFAULTS) if is_sdxl_source(path) else {}
 
 
 def _exported_defaults(folder: Path) -> dict:

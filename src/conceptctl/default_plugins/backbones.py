@@ -1,10 +1,12 @@
 """The Stable Diffusion backbones conceptctl knows by name."""
 
+from conceptctl.backbones.architecture import SDXL_DEFAULTS
 from conceptctl.backbones.spec import BackboneSpec
 from conceptctl.hookspecs import hookimpl
 
 # Hub ids as published; properties from each model's own configuration files; licenses as each
-# model's Hub page declares them (SD 1.x: CreativeML Open RAIL-M; SD 2.x: Open RAIL++-M).
+# model's Hub page declares them (SD 1.x: CreativeML Open RAIL-M; SD 2.x and SDXL 1.0: Open
+# RAIL++-M). SDXL's text width is its two encoders' side by side (768 + 1280).
 STABLE_DIFFUSION = (
     BackboneSpec(
         name="sd-1.4",
@@ -45,6 +47,16 @@ STABLE_DIFFUSION = (
         prediction_type="epsilon",
         text_width=1024,
         license="openrail++",
+    ),
+    BackboneSpec(
+        name="sdxl-1.0",
+        source="stabilityai/stable-diffusion-xl-base-1.0",
+        description="Stable Diffusion XL 1.0 base, 1024 px, two text encoders",
+        resolution=1024,
+        prediction_type="epsilon",
+        text_width=2048,
+        license="openrail++",
+        **SDXL_DEFAULTS,  # family "sdxl", sampling guidance 5, the SDXL erase presets
     ),
 )
 
