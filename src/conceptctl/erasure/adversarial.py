@@ -63,7 +63,7 @@ class PromptAdversary(torch.nn.Module):
         # word of the vocabulary. Unbounded, the warm-started tokens drift to several times
         # that (measured: 3.3 against words' 1.07 on the toy), far from any prompt a user can
         # type. (The bound alone did not stop DoCo moving other styles; see docs/erase.md.)
-        table = backbone.text_encoder.get_input_embeddings().weight
+        table = self._encoder.table()  # SDXL: both encoders' embeddings of each word
         self.max_norm = float(table.detach().float().norm(dim=-1).max())
 
     def due(self, step: int) -> bool:

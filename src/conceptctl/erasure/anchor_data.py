@@ -27,8 +27,10 @@ CACHE_FORMAT = 1
 
 
 def backbone_digest(backbone) -> str:
-    """Digest of the weights that shape generated images (UNet, text encoder, VAE)."""
-    parts = [module_digest(m) for m in (backbone.unet, backbone.text_encoder, backbone.vae)]
+    """Digest of the weights that shape generated images (UNet, text encoder, VAE; SDXL's second
+    text encoder after them, so SD digests, and their caches, stay what they were)."""
+    modules = (backbone.unet, backbone.text_encoder, backbone.vae, *backbone.text_encoders[1:])
+    parts = [module_digest(m) for m in modules]
     return "sha256:" + hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

@@ -116,9 +116,9 @@ class Context:
     def trains_text_encoder(self) -> bool:
         """Whether the text encoder's weights train (the student's prompts must be encoded by
         it, with gradients; the batch's embeddings are the original encoder's)."""
-        from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
+        from conceptctl.backbones.backbone import is_text_encoder_tensor
 
-        return any(name.startswith(TEXT_ENCODER_PREFIX) for name in self.params)
+        return any(is_text_encoder_tensor(name) for name in self.params)
 
     def summed_grad(self, loss: torch.Tensor, params: list[torch.Tensor],
                     also: tuple[torch.Tensor, ...] = ()) -> list[torch.Tensor]:

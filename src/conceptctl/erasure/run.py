@@ -294,7 +294,8 @@ def prepare_training(backbone, cfg: EraseConfig, *, dist=None, timer=None,
     cfg = complete(cfg, backbone.spec)  # a caller's bare config: this backbone's preset
     unet = backbone.unet
     unet.requires_grad_(False)
-    backbone.text_encoder.requires_grad_(False)
+    for encoder in backbone.text_encoders:
+        encoder.requires_grad_(False)
     params = select_parameters(backbone, cfg.params)
     frozen = frozen_copy(unet, params)
     for p in params.values():

@@ -110,13 +110,15 @@ class UnifiedConceptEditing:
         b = self.lam * torch.eye(width, dtype=torch.float64)
         texts = [text for pair in pairs for text in pair]
         encoder = PromptEncoder(backbone, texts)
-        states, mask = encoder().double().cpu(), encoder.mask.cpu()
+        # What cross-attention reads (SDXL: not the pooled row, which the edited projections
+        # never see).
+        states, mask = backbone.token_states(encoder()).double().cpu(), encoder.mask.cpu()
         for i in range(len(pairs)):
             c, c_star = aligned_states(states, mask, 2 * i, 2 * i + 1, from_first)
             a += self.erase_scale * c_star.T @ c
             b += self.erase_scale * c.T @ c
         if retain:
-            kept = PromptEncoder(backbone, list(retain))().double().cpu()
+            kept = backbone.token_states(PromptEncoder(backbone, list(retain))()).double().cpu()
             gram = torch.einsum("ptd,pte->de", kept, kept)
             a += self.preserve_scale * gram
             b += self.preserve_scale * gram

@@ -141,7 +141,9 @@ def draw_embeddings(backbone, prompt_embeds: torch.Tensor, seeds: Sequence[int],
     dist = dist or SingleProcess()
     total = len(jobs)
     jobs = jobs[dist.shard(total)]
-    empty = backbone.encode_prompts([""])
+    # The unconditional side the pipeline's own sampling uses (SDXL: zeros), so that an
+    # attacked prompt is drawn as `sample` draws a typed one.
+    empty = backbone.unconditional_text()
     height, width = _sides(backbone, draw)
     # A pipeline call takes one guidance scale: rows of equal guidance share batches.
     groups: dict[float, list] = {}
@@ -173,8 +175,7 @@ def _draw_embedded(backbone, prompt_embeds, empty, jobs, guidance: float, draw: 
             return kwargs
 
         result = backbone.pipeline(
-            prompt_embeds=embeds,
-            negative_prompt_embeds=empty.expand(len(batch), -1, -1),
+            **backbone.pipeline_arguments(embeds, empty.expand(len(batch), -1, -1)),
             latents=initial_noise(backbone, [s for _, _, s in batch], size),
             height=height, width=width, num_inference_steps=draw.steps,
             guidance_scale=guidance, output_type="latent",

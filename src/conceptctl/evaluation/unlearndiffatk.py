@@ -157,7 +157,7 @@ class _Search:
         self.encoder = SoftPromptEncoder(backbone, [case.prompt for _, case in chosen],
                                          attack.tokens)
         self.vocab = typeable_tokens(backbone.tokenizer)
-        table = backbone.text_encoder.get_input_embeddings().weight
+        table = self.encoder.table()  # SDXL: both encoders' embeddings of each word
         self.table = table[self.vocab.to(table.device)].detach()
         k = run.suite.images_per_prompt
         self.goal = torch.stack([run.original.latents[i * k] for i, _ in chosen]).to(
