@@ -118,7 +118,7 @@ def _refuse_sdxl(artifact, fmt: str) -> None:
     if artifact.original_base.get("family") == "sdxl":
         raise UsageError(f"the {fmt} export does not support SDXL erasures yet",
                          hint="'conceptctl sample --model' and 'conceptctl eval' use the artifact "
-                         "as it is; SDXL exports are planned (issue 18)")
+                         "as it is; export to SDXL layouts is not written yet")
 
 
 def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dtype, force):
