@@ -1,4 +1,4 @@
-"""The original-layout single file loads back into diffusers bit for bit."""
+"""The original-layout single file loads back into diffusers bit for bit (SD 1.x, 2.x, SDXL)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.loaders import single_file_utils
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from conceptctl.interop.original_layout import diffusers_to_original, save_single_file
 from conceptctl.testing import build_tiny_pipeline
@@ -203,3 +208,78 @@ def test_full_size_layout_matches_diffusers_reader(sd2, model_type, count):
     assert unet_back.keys() == unet.state_dict().keys()
     vae_back = single_file_utils.convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))
     assert vae_back.keys() == vae.state_dict().keys()
+
+
+# --- SDXL ------------------------------------------------------------------------------------
+
+
+def test_sdxl_round_trip_is_exact(tmp_path):
+    pipe = build_tiny_pipeline("sdxl")
+    config_dir = tmp_path / "diffusers"
+    pipe.save_pretrained(config_dir)
+    single = save_single_file(pipe, tmp_path / "sdxl.safetensors")
+    loaded = StableDiffusionXLPipeline.from_single_file(str(single), config=str(config_dir),
+                                                         add_watermarker=False)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected, actual = getattr(pipe, part).state_dict(), getattr(loaded, part).state_dict()
+        assert actual.keys() == expected.keys(), part
+        assert all(torch.equal(actual[k], expected[k]) for k in expected), part
+    with safe_open(single, "pt") as f:
+        keys = set(f.keys())
+        projection = f.get_tensor("conditioner.embedders.1.model.text_projection")
+    assert {"model.diffusion_model.label_emb.0.0.weight",
+            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+            "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+            "conditioner.embedders.1.model.ln_final.weight"} <= keys
+    assert not any(k.startswith("cond_stage_model.") for k in keys)
+    # OpenCLIP multiplies from the right: (hidden 64, projection 48), transformers' transpose.
+    assert torch.equal(projection, pipe.text_encoder_2.text_projection.weight.T)
+
+
+def test_sdxl_unet_needs_both_text_encoders():
+    pipe = build_tiny_pipeline("sdxl")
+    with pytest.raises(ValueError, match="exactly two text encoders"):
+        diffusers_to_original(pipe.unet, pipe.vae, pipe.text_encoder)
+    sd1 = build_tiny_pipeline("sd1")
+    with pytest.raises(ValueError, match="SD UNet with two text encoders"):
+        diffusers_to_original(sd1.unet, sd1.vae, sd1.text_encoder, pipe.text_encoder_2)
+    # The slots are fixed: CLIP (quick_gelu) first, OpenCLIP (gelu) second.
+    with pytest.raises(ValueError, match="quick_gelu"):
+        diffusers_to_original(pipe.unet, pipe.vae, pipe.text_encoder_2, pipe.text_encoder_2)
+
+
+def test_full_size_sdxl_layout_matches_diffusers_reader():
+    """SDXL base 1.0's shapes on the meta device (its published configs)."""
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        vae = _full_size(False)[1]
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12,
+                                            hidden_act="quick_gelu"))
+        big_g = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, hidden_act="gelu", projection_dim=1280))
+    checkpoint = diffusers_to_original(unet, vae, clip, big_g)
+
+    # 1680 UNet + 248 VAE + 196 CLIP ViT-L + 389 OpenCLIP bigG tensors (all 32 blocks and the
+    # projection); position_ids and logit_scale, which diffusers ignores, are not written.
+    assert len(checkpoint) == 2513
+    assert single_file_utils.infer_diffusers_model_type(checkpoint) == "xl_base"
+    unet_back = single_file_utils.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    assert unet_back.keys() == unet.state_dict().keys()
+    vae_back = single_file_utils.convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))
+    assert vae_back.keys() == vae.state_dict().keys()
+    clip_back = single_file_utils.convert_ldm_clip_checkpoint(checkpoint)
+    assert {k.removeprefix("text_model.") for k in clip_back} == clip.state_dict().keys()
+    big_g_back = single_file_utils.convert_open_clip_checkpoint(
+        big_g, checkpoint, prefix="conditioner.embedders.1.model.")
+    assert big_g_back.keys() == big_g.state_dict().keys()
+    assert big_g_back["text_model.encoder.layers.31.self_attn.v_proj.weight"].shape == (1280,
+                                                                                        1280)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from conceptctl.backbones import sdxl
 from conceptctl.backbones.loading import open_backbone
@@ -18,6 +17,7 @@ from conceptctl.erasure.config import EraseConfig, complete
 from conceptctl.erasure.params import select_parameters
 from conceptctl.erasure.run import erase, frozen_copy
 from conceptctl.errors import BackboneError
+from conceptctl.interop.original_layout import save_single_file
 from conceptctl.testing import build_tiny_pipeline, tiny_erase_config
 
 PROMPTS = ["a church", "a red boat on a lake"]
@@ -169,35 +169,9 @@ def test_parameter_groups_cover_every_transformer_block_and_both_encoders(tiny_s
         list(backbone.pipeline.text_encoder_2.parameters()))
 
 
-def _original_layout(pipe) -> dict:
-    """The pipeline's weights in SDXL's original single-file layout, with the SD mapping of
-    conceptctl.interop.original_layout plus SDXL's parts (the pooled embedding's ``label_emb``
-    and the two ``conditioner.embedders``): the inverse of what diffusers' single-file reader
-    (``convert_ldm_unet_checkpoint``, ``convert_ldm_clip_checkpoint``,
-    ``convert_open_clip_checkpoint``) reads. Until an SDXL single-file export exists."""
-    from conceptctl.interop import original_layout as layout
-
-    table = layout._unet_table(pipe.unet.config) | {
-        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-    weights = {
-        **layout._with_prefix(layout.UNET_PREFIX,
-                              layout._rename(pipe.unet.state_dict(), table, "UNet")),
-        **layout._with_prefix(layout.VAE_PREFIX, layout._vae_weights(pipe.vae))}
-    first = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
-    weights.update(layout._with_prefix("conditioner.embedders.0.transformer.text_model.", first))
-    second = {k.removeprefix("text_model."): v
-              for k, v in pipe.text_encoder_2.state_dict().items()}
-    projection = second.pop("text_projection.weight")
-    second = layout._open_clip_weights(second, pipe.text_encoder_2.config)
-    second["text_projection"] = projection.T  # OpenCLIP multiplies from the right
-    weights.update(layout._with_prefix("conditioner.embedders.1.model.", second))
-    return {k: v.contiguous() for k, v in weights.items()}
-
-
 def test_single_file_loads_back_with_equal_tensors(tiny_sdxl, tmp_path):
     folder = open_backbone(str(tiny_sdxl), device="cpu")
-    path = tmp_path / "sdxl.safetensors"
-    save_file(_original_layout(folder.pipeline), str(path))
+    path = save_single_file(folder.pipeline, tmp_path / "sdxl.safetensors")
     loaded = open_backbone(str(path), device="cpu", config=str(tiny_sdxl))
     assert type(loaded.pipeline).__name__ == "StableDiffusionXLPipeline"
     assert (loaded.spec.format, loaded.spec.family) == ("single-file", "sdxl")

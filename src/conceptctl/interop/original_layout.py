@@ -8,6 +8,13 @@ written here is the inverse of what ``diffusers/loaders/single_file_utils.py`` r
 ``convert_open_clip_checkpoint``); ``StableDiffusionPipeline.from_single_file(path, config=...)``
 therefore loads the file back exactly.
 
+SDXL's layout (Stability AI's generative-models, "SGM") is the same for the UNet and the VAE, with
+the added embedding of the pooled text and size numbers as ``label_emb.0.0`` / ``label_emb.0.2``,
+and holds its two text encoders under ``conditioner.embedders``: ``0.transformer.text_model.*``
+the OpenAI CLIP ViT-L in transformers' names, ``1.model.*`` the OpenCLIP ViT-bigG in OpenCLIP's
+(fused ``in_proj``, ``ln_final``, and ``text_projection`` as the matrix OpenCLIP multiplies from
+the right, the transpose of transformers' Linear weight).
+
 Each part is renamed through a table of module paths built from the model's config, so any number
 of blocks and layers per block works, and a weight the table has no name for raises ``ValueError``
 rather than being dropped from the file.
@@ -25,6 +32,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# SDXL's two text encoders (diffusers' single-file reader finds SDXL base by the second).
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # OpenCLIP drops this block's weights on load (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE in
 # single_file_utils.py): SD 2 conditions on the penultimate of 24 blocks, so diffusers' SD 2 text
@@ -65,16 +75,28 @@ _UNET_UP_TYPES = {"CrossAttnUpBlock2D", "UpBlock2D"}
 _UNET_MID_TYPE = "UNetMidBlock2DCrossAttn"
 
 
-def diffusers_to_original(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """Return the three models' weights under their original single-file names.
+def diffusers_to_original(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """Return the models' weights under their original single-file names.
 
     ``unet`` is a ``UNet2DConditionModel``, ``vae`` an ``AutoencoderKL`` and ``text_encoder`` a
-    ``CLIPTextModel``, each with the SD architecture; anything else raises ``ValueError``.
+    ``CLIPTextModel``, each with the SD architecture; for SDXL, ``text_encoder_2`` is the second
+    encoder (a ``CLIPTextModelWithProjection``) and the UNet has SDXL's added embedding. Anything
+    else raises ``ValueError``.
     """
+    sdxl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if sdxl != (text_encoder_2 is not None):
+        # Each layout has one place for the text encoders: a checkpoint mixing SDXL's UNet with
+        # SD's single encoder (or the reverse) would load as neither.
+        raise ValueError("the original layouts pair SDXL's UNet (pooled text and size "
+                         "embedding) with exactly two text encoders, and SD's with one; got a "
+                         f"{'SDXL' if sdxl else 'SD'} UNet with "
+                         f"{'two text encoders' if text_encoder_2 is not None else 'one'}")
+    encoders = (_sdxl_text_encoder_weights(text_encoder, text_encoder_2) if sdxl
+                else _text_encoder_weights(text_encoder))
     return {
         **_with_prefix(UNET_PREFIX, _unet_weights(unet)),
         **_with_prefix(VAE_PREFIX, _vae_weights(vae)),
-        **_text_encoder_weights(text_encoder),
+        **encoders,
     }
 
 
@@ -98,7 +120,8 @@ def save_single_file(pipeline, path, metadata: dict[str, str] | None = None) -> 
 def write_single_file(pipeline, path, metadata: dict[str, str] | None = None) -> None:
     """:func:`save_single_file` straight to ``path``, for a caller that stages the file itself
     (``conceptctl export``)."""
-    weights = diffusers_to_original(pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    weights = diffusers_to_original(pipeline.unet, pipeline.vae, pipeline.text_encoder,
+                                    getattr(pipeline, "text_encoder_2", None))
     # safetensors refuses non-contiguous tensors, e.g. parameters replaced by a transposed edit.
     weights = {key: tensor.contiguous() for key, tensor in weights.items()}
     save_file(weights, str(path), metadata=metadata)
@@ -109,6 +132,18 @@ def unet_original_names(unet) -> dict[str, str]:
     diffusers name; ``ValueError`` when the layout has no place for one."""
     renamed = _rename({key: key for key in unet.state_dict()}, _unet_table(unet.config), "UNet")
     return {key: original for original, key in renamed.items()}
+
+
+def unet_original_modules(unet) -> dict[str, str]:
+    """Each UNet module's original-layout path (without ``model.diffusion_model.``), by its
+    diffusers path, for every module that holds tensors: what kohya's scripts name SDXL's LoRA
+    modules by. ``ValueError`` as :func:`unet_original_names`."""
+    modules = {}
+    for key, original in unet_original_names(unet).items():
+        module, _, leaf = key.rpartition(".")
+        # The table maps module paths, so a tensor keeps its leaf name.
+        modules[module] = original.removesuffix("." + leaf)
+    return modules
 
 
 def _unet_weights(unet) -> dict[str, torch.Tensor]:
@@ -150,6 +185,11 @@ def _unet_table(config: Any) -> dict[str, str]:
         slot = 2 if block_type.startswith("CrossAttn") else 1
         last = first + per_block
         table[f"up_blocks.{block}.upsamplers.0.conv"] = f"output_blocks.{last}.{slot}.conv"
+    if getattr(config, "addition_embed_type", None) == "text_time":
+        # SDXL: the pooled text + size numbers' MLP (SGM's label_emb, a Sequential in a
+        # Sequential); any other added embedding has no original name and is reported.
+        table["add_embedding.linear_1"] = "label_emb.0.0"
+        table["add_embedding.linear_2"] = "label_emb.0.2"
     return table
 
 
@@ -226,13 +266,42 @@ def _check_vae(config: Any) -> None:
         raise ValueError("the original SD layout needs as many VAE up blocks as down blocks")
 
 
+def _unprefixed(text_encoder) -> dict[str, torch.Tensor]:
+    # transformers >= 5.6 flattened CLIPTextModel and dropped the "text_model." prefix (its
+    # CLIPTextModelWithProjection keeps it); both the original layouts and diffusers' reader
+    # expect it, so normalise to the unprefixed form.
+    return {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+
+
 def _text_encoder_weights(text_encoder) -> dict[str, torch.Tensor]:
-    # transformers >= 5.6 flattened CLIPTextModel and dropped the "text_model." prefix; both
-    # the original layouts and diffusers' reader expect it, so normalise to the unprefixed form.
-    weights = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    weights = _unprefixed(text_encoder)
     if uses_open_clip(text_encoder.config):
-        return _with_prefix(OPEN_CLIP_PREFIX, _open_clip_weights(weights, text_encoder.config))
+        return _with_prefix(OPEN_CLIP_PREFIX, _open_clip_weights(
+            weights, text_encoder.config, MAX_OPEN_CLIP_LAYERS))
     return _with_prefix(CLIP_PREFIX, weights)
+
+
+def _sdxl_text_encoder_weights(first, second) -> dict[str, torch.Tensor]:
+    """SDXL's ``conditioner.embedders``: OpenAI CLIP ViT-L as it is, OpenCLIP ViT-bigG renamed."""
+    # The layout fixes which architecture each slot holds (A1111 and ComfyUI build CLIP-L for
+    # the first, OpenCLIP for the second), so the activations must be those.
+    if uses_open_clip(first.config) or not uses_open_clip(second.config):
+        raise ValueError(
+            "SDXL's original layout holds an OpenAI CLIP text encoder (quick_gelu) first and an "
+            f"OpenCLIP one (gelu) second, not {first.config.hidden_act} and "
+            f"{second.config.hidden_act}")
+    weights = _unprefixed(second)
+    projection = weights.pop("text_projection.weight", None)
+    if projection is None:
+        raise ValueError("SDXL's second text encoder has no text_projection (the pooled "
+                         "embedding's projection); the original layout needs it")
+    # All of bigG's 32 blocks are kept: SDXL reads the penultimate block's states and the last
+    # block's pooled output, and diffusers' reader drops a block only under SD 2's prefix.
+    open_clip = _open_clip_weights(weights, second.config, max_layers=None)
+    # OpenCLIP computes pooled @ text_projection: the transpose of the Linear weight.
+    open_clip["text_projection"] = projection.T.contiguous()
+    return {**_with_prefix(SDXL_CLIP_PREFIX, _unprefixed(first)),
+            **_with_prefix(SDXL_OPEN_CLIP_PREFIX, open_clip)}
 
 
 def uses_open_clip(config: Any) -> bool:
@@ -252,18 +321,20 @@ def uses_open_clip(config: Any) -> bool:
     return config.hidden_act == "gelu"
 
 
-def _open_clip_weights(weights: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+def _open_clip_weights(weights: dict[str, torch.Tensor], config: Any,
+                       max_layers: int | None) -> dict[str, torch.Tensor]:
     """Rename a CLIPTextModel's weights to OpenCLIP's, fusing q/k/v into ``in_proj_*``.
 
-    ``text_projection`` is left out: CLIPTextModel has none, and diffusers' reader ignores it
-    anyway (it is in SD_2_TEXT_ENCODER_KEYS_TO_IGNORE); without it the reader splits ``in_proj``
-    at hidden_size, which is right.
+    ``text_projection`` is not handled here: SD 2's CLIPTextModel has none, and diffusers'
+    reader ignores it under SD 2's prefix anyway (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE); without it
+    the reader splits ``in_proj`` at hidden_size, which is right. SDXL's caller adds its own.
+    ``max_layers``: the most blocks the reader keeps under this prefix (None: all).
     """
     layers = config.num_hidden_layers
-    if layers > MAX_OPEN_CLIP_LAYERS:
+    if max_layers is not None and layers > max_layers:
         raise ValueError(
             f"an OpenCLIP text encoder with {layers} layers cannot round-trip: diffusers drops "
-            f"block {MAX_OPEN_CLIP_LAYERS} on load (SD 2 keeps {MAX_OPEN_CLIP_LAYERS} layers)"
+            f"block {max_layers} on load (SD 2 keeps {max_layers} layers)"
         )
     weights = dict(weights)
     table = {
