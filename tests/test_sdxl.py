@@ -1,5 +1,6 @@
 """SDXL as a backbone, on the tiny SDXL-shaped pipeline: loading (folder and single file), the
-packed text conditioning and the UNet hook that unpacks it, sampling, erasing, evaluating."""
+packed text conditioning and the UNet hook that unpacks it, sampling, erasing, evaluating
+(exports: tests/test_export_sdxl.py)."""
 
 import copy
 import json
@@ -276,14 +277,6 @@ def test_eval_runs_with_the_soft_prompt_attacks(cli, sdxl_artifact, tmp_path):
     assert report["detector"] is None and report["suite"]["name"] == "templates"
     assert {a["attack"] for a in report["attacks"]} == {"embedding", "unlearndiffatk"}
     assert (out / "report.html").is_file()
-
-
-def test_export_refuses_sdxl_in_one_line(cli, sdxl_artifact, tmp_path):
-    target = tmp_path / "x.safetensors"
-    result = cli("export", sdxl_artifact, "--format", "lora", "-o", target)
-    assert result.code != 0
-    assert "error: the lora export does not support SDXL erasures yet" in result.err
-    assert not target.exists() and not list(tmp_path.iterdir())
 
 
 def test_backbones_lists_sdxl(cli):

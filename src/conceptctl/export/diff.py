@@ -3,7 +3,8 @@
 For every tensor the erasure changed, ``erased − base`` under the name ComfyUI and Automatic1111
 read as a full weight difference (the "full" module of LyCORIS, built into both):
 ``<module>.diff`` for a module's weight and ``<module>.diff_b`` for its bias, the module named
-as kohya names LoRA modules (:mod:`conceptctl.export.kohya`). Both UIs add it to the loaded
+as kohya names LoRA modules (:mod:`conceptctl.export.kohya`; SDXL's in its original layout,
+``lora_unet_input_blocks_…``, ``lora_te1_…``, ``lora_te2_…``). Both UIs add it to the loaded
 checkpoint's tensors at the strength the user picks, 1.0 giving the erased model; unlike a LoRA
 it is exact and carries biases and norms, so every ``--params`` group exports. The values are
 computed in the artifact's precision and written in the export dtype; the header holds the
@@ -11,11 +12,11 @@ erasure's record with the hash of exactly the base tensors it changes (as a delt
 entries A1111 reads (``ss_v2``, ``ss_base_model_version``: which checkpoints it lists the file
 for) and ``sshs_model_hash``.
 
-Only SD 1.x / 2.x-shaped models are written (the UIs load nothing else), and of the text
-encoder only the attention and MLP weights of its layers, the modules both UIs have a place for
-(what ``--params text-encoder`` trains). On SD 2.x, A1111 applies a text-encoder layer's
-q/k/v/out change only when all four are in the file, so a layer's unchanged ones are written as
-zeros.
+Only SD 1.x / 2.x- and SDXL-shaped models are written (the UIs load nothing else), and of the
+text encoders only the attention and MLP weights of their layers, the modules both UIs have a
+place for (what ``--params text-encoder`` trains). On OpenCLIP encoders (SD 2.x's, SDXL's
+second), A1111 applies a layer's q/k/v/out change only when all four are in the file (it fuses
+them into one projection), so a layer's unchanged ones are written as zeros.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
+from conceptctl.backbones.backbone import is_text_encoder_tensor
 from conceptctl.erasure.artifact import base_record
 from conceptctl.errors import ConceptctlError
 from conceptctl.export import kohya
@@ -34,15 +35,16 @@ from conceptctl.export.delta import delta_tensors
 from conceptctl.export.metadata import header
 
 _HINT = ("export it as 'delta', 'diffusers' or 'single-file' instead; the diff format holds "
-         "what Automatic1111 and ComfyUI can add to an SD 1.x / 2.x checkpoint")
+         "what Automatic1111 and ComfyUI can add to an SD 1.x / 2.x or SDXL checkpoint")
 _SUFFIX = {"weight": "diff", "bias": "diff_b"}
 _ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 
 
-def diff_key(name: str) -> str:
-    """The file's key for tensor ``name`` (named as ``Backbone.named_tensors``)."""
+def diff_key(name: str, module_key=kohya.module_key) -> str:
+    """The file's key for tensor ``name`` (named as ``Backbone.named_tensors``), its module named
+    by ``module_key`` (SD 1.x / 2.x's by default, :func:`kohya.module_keys` for a backbone's)."""
     module, _, leaf = name.rpartition(".")
-    return f"{kohya.module_key(module)}.{_SUFFIX[leaf]}"
+    return f"{module_key(module)}.{_SUFFIX[leaf]}"
 
 
 def _check(job, names: list[str]) -> None:
@@ -53,7 +55,7 @@ def _check(job, names: list[str]) -> None:
         raise ConceptctlError(
             f"the diff format is unsupported for backbone {backbone.spec.name}: its text encoder "
             f"is a {type(backbone.text_encoder).__name__}, and Automatic1111 and ComfyUI load "
-            "SD 1.x / 2.x models with CLIP text encoders only", hint=_HINT)
+            "SD 1.x / 2.x and SDXL models with CLIP text encoders only", hint=_HINT)
     try:
         unet_original_names(backbone.unet)
     except ValueError as err:
@@ -62,7 +64,7 @@ def _check(job, names: list[str]) -> None:
     for name in names:
         module, _, leaf = name.rpartition(".")
         placed = leaf in _SUFFIX
-        if name.startswith(TEXT_ENCODER_PREFIX):
+        if is_text_encoder_tensor(name):
             placed = leaf == "weight" and _layer_module(module) in kohya.CLIP_LAYER_MODULES
         if not placed:
             raise ConceptctlError(
@@ -85,7 +87,7 @@ def _attention_siblings(job, diffs: dict[str, torch.Tensor]) -> dict[str, torch.
     zeros = {}
     for name in diffs:
         module = name.removesuffix(".weight")
-        if name.startswith(TEXT_ENCODER_PREFIX) and _layer_module(module) in _ATTENTION:
+        if is_text_encoder_tensor(name) and _layer_module(module) in _ATTENTION:
             layer = module.rpartition(".self_attn.")[0]
             for sibling in _ATTENTION:
                 other = f"{layer}.{sibling}.weight"
@@ -99,7 +101,8 @@ def export_diff(job, out: Path) -> dict[str, Any]:
     names = sorted(diffs)
     _check(job, names)
     zeros = _attention_siblings(job, diffs)
-    tensors = {diff_key(name): value for name, value in {**diffs, **zeros}.items()}
+    module_key = kohya.module_keys(job.backbone)
+    tensors = {diff_key(name, module_key): value for name, value in {**diffs, **zeros}.items()}
     # As for a delta, the record names exactly the base tensors the file changes.
     base = {**job.info["base"], **base_record({name: job.base[name] for name in names}),
             "tensors": names}

@@ -1,9 +1,9 @@
 """The erased model as a complete diffusers pipeline folder, loadable without conceptctl.
 
-``save_pretrained`` writes every part (UNet with the artifact applied, VAE, text encoder,
-tokenizer, scheduler) and ``model_index.json``; the folder then gets a model card (``README.md``,
-:mod:`conceptctl.cards`), the erasure's record (``conceptctl.json``, with the latest evaluation's
-summary) and the record in the header of every weights file.
+``save_pretrained`` writes every part (UNet with the artifact applied, VAE, text encoder and
+tokenizer, SDXL's two of each, scheduler) and ``model_index.json``; the folder then gets a model
+card (``README.md``, :mod:`conceptctl.cards`), the erasure's record (``conceptctl.json``, with
+the latest evaluation's summary) and the record in the header of every weights file.
 """
 
 from __future__ import annotations
@@ -37,6 +37,13 @@ def how_to_load(job) -> str:
                   "initialised); the pipeline only uses the encoder's last hidden states, so it "
                   "works unchanged. Tools that expect an "
                   "SD 1.x / 2.x checkpoint (Automatic1111, ComfyUI) cannot load this model."]
+    if job.backbone.is_sdxl:
+        # diffusers stamps SDXL's pictures when invisible-watermark is installed; conceptctl
+        # never does (conceptctl.backbones.loading), so its pixels need the stamp off.
+        lines += ["",
+                  "conceptctl draws SDXL without its invisible watermark: where the "
+                  "`invisible-watermark` package is installed, pass `add_watermarker=False` to "
+                  "`from_pretrained` for the same pictures."]
     spec = job.backbone.spec
     if spec.sample_steps or spec.sample_guidance is not None:
         lines += ["",

@@ -12,12 +12,27 @@ its original-layout name ``lora_unet_out_0``, which both UIs accept too (A1111 r
 unmatched ``lora_unet_`` name as ``diffusion_model_``, ComfyUI keys every original UNet weight
 that way). tests/test_export_interop.py runs transcriptions of these loaders on our files.
 
+SDXL is named otherwise, because kohya's scripts train it on their own copy of Stability AI's
+UNet (``library/sdxl_original_unet.py``), not diffusers': ``lora_unet_`` plus the original
+(SGM) module path, e.g. ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k`` (the
+names of :func:`conceptctl.interop.original_layout.unet_original_modules`), and ``lora_te1_`` /
+``lora_te2_`` plus each text encoder's transformers path (``networks/lora.py``:
+``LORA_PREFIX_TEXT_ENCODER1`` / ``2``). ComfyUI keys these for SDXL (every original UNet
+weight; ``lora_te1_`` / ``lora_te2_`` for CLIP-L's and bigG's layers), A1111 takes
+``lora_unet_`` names of SDXL as original ones ("SDXL loras seem to already have correct compvis
+keys"), and diffusers' ``load_lora_weights`` maps them back with the UNet's config
+(``_maybe_map_sgm_blocks_to_diffusers``).
+
 **Header.** The entries kohya's own extractor (``networks/extract_lora_from_models.py``) writes:
 ``ss_*`` (``ss_v2`` and ``ss_base_model_version`` decide which checkpoints A1111 lists a file for:
 without them every file counts as SD 1 and hides on SD 2), the Stability AI ModelSpec
 ``modelspec.*`` entries of ``library/sai_model_spec.py``, and the hashes A1111 shows and caches,
-computed as ``library/train_util.py`` does. They are written only for SD 1.x / 2.x-shaped
-backbones (a CLIP text encoder): for another model they would name a base the UIs cannot load.
+computed as ``library/train_util.py`` does. SDXL's are those of kohya's SDXL scripts:
+``ss_base_model_version`` ``sdxl_base_v1-0`` (``sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0``,
+which A1111 reads as SDXL), ``ss_v2`` ``False``, ModelSpec's ``stable-diffusion-xl-v1-base``
+architecture with Stability AI's implementation. They are written only for SD 1.x / 2.x- and
+SDXL-shaped backbones (CLIP text encoders): for another model they would name a base the UIs
+cannot load.
 """
 
 from __future__ import annotations
@@ -26,13 +41,23 @@ import datetime
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 
 import torch
 
-from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
+from conceptctl.backbones.backbone import TEXT_ENCODER_2_PREFIX, TEXT_ENCODER_PREFIX
+from conceptctl.errors import ConceptctlError
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_KEY_PREFIX = "lora_te_"
+# SDXL's encoders (kohya's LORA_PREFIX_TEXT_ENCODER1 / 2), by how conceptctl names their tensors.
+SDXL_TEXT_ENCODER_KEY_PREFIXES = {TEXT_ENCODER_PREFIX: "lora_te1_",
+                                  TEXT_ENCODER_2_PREFIX: "lora_te2_"}
+# kohya's library/sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0, its ss_base_model_version.
+SDXL_BASE_VERSION = "sdxl_base_v1-0"
+# library/sai_model_spec.py: the architecture and, for SDXL LoRAs, the implementation.
+SDXL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 # The diffusers name A1111 cannot map, and its original-layout name (module docstring).
 _ORIGINAL_NAMES = {"conv_norm_out": "out.0"}
 # What ComfyUI keys for a text-encoder layer (LORA_CLIP_MAP in comfy/lora.py): other text-encoder
@@ -50,47 +75,91 @@ def clip_module_name(module: str) -> str:
 
 
 def module_key(module: str) -> str:
-    """kohya's name for ``module`` (a UNet module path, or a text-encoder one under
-    ``TEXT_ENCODER_PREFIX``), e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
+    """kohya's name for an SD 1.x / 2.x ``module`` (a UNet module path, or a text-encoder one
+    under ``TEXT_ENCODER_PREFIX``), e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
     if module.startswith(TEXT_ENCODER_PREFIX):
         inner = clip_module_name(module.removeprefix(TEXT_ENCODER_PREFIX))
         return TEXT_ENCODER_KEY_PREFIX + inner.replace(".", "_")
     return UNET_PREFIX + _ORIGINAL_NAMES.get(module, module).replace(".", "_")
 
 
-def sd_version(backbone) -> tuple[bool, bool] | None:
-    """``(v2, v_parameterization)`` of an SD 1.x / 2.x-shaped backbone, as kohya's scripts
-    describe a base; None when its text encoder is not CLIP (no UI loads such a base)."""
-    from transformers import CLIPTextModel
+def module_keys(backbone) -> Callable[[str], str]:
+    """kohya's naming of ``backbone``'s modules (names as ``Backbone.named_tensors`` without the
+    leaf): :func:`module_key` for SD 1.x / 2.x, SDXL's original-layout names for SDXL (module
+    docstring)."""
+    if not backbone.is_sdxl:
+        return module_key
+    from conceptctl.interop.original_layout import unet_original_modules
 
+    try:
+        unet = unet_original_modules(backbone.unet)
+    except ValueError as err:
+        raise ConceptctlError(
+            f"kohya's SDXL names come from the original UNet layout, and {err}",
+            hint="export it as 'delta' or 'diffusers' instead") from err
+
+    def sdxl_key(module: str) -> str:
+        for prefix, key_prefix in SDXL_TEXT_ENCODER_KEY_PREFIXES.items():
+            if module.startswith(prefix):
+                inner = clip_module_name(module.removeprefix(prefix))
+                return key_prefix + inner.replace(".", "_")
+        return UNET_PREFIX + unet[module].replace(".", "_")
+
+    return sdxl_key
+
+
+def _clip_encoders(backbone) -> bool:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return all(isinstance(encoder, (CLIPTextModel, CLIPTextModelWithProjection))
+               for encoder in backbone.text_encoders)
+
+
+def sd_version(backbone) -> tuple[bool, bool] | None:
+    """``(v2, v_parameterization)`` of an SD 1.x / 2.x- or SDXL-shaped backbone, as kohya's
+    scripts describe a base (SDXL is not v2: its scripts write ``ss_v2`` False); None when a
+    text encoder is not CLIP (no UI loads such a base)."""
     from conceptctl.interop.original_layout import uses_open_clip
 
-    encoder = backbone.text_encoder
-    if not isinstance(encoder, CLIPTextModel):
+    if not _clip_encoders(backbone):
         return None
+    v_parameterization = backbone.prediction_type == "v_prediction"
+    if backbone.is_sdxl:
+        return False, v_parameterization
     try:
-        v2 = uses_open_clip(encoder.config)
+        v2 = uses_open_clip(backbone.text_encoder.config)
     except ValueError:
         return None
-    return v2, backbone.prediction_type == "v_prediction"
+    return v2, v_parameterization
+
+
+def base_model_version(backbone) -> str | None:
+    """kohya's ``ss_base_model_version`` of the base: ``sd_v1``, ``sd_v2``, ``sd_v2_v`` (its
+    ``model_util.get_model_version_str_for_sd1_sd2``) or ``sdxl_base_v1-0``; None as
+    :func:`sd_version`."""
+    version = sd_version(backbone)
+    if version is None:
+        return None
+    if backbone.is_sdxl:
+        return SDXL_BASE_VERSION
+    v2, v_parameterization = version
+    return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
 
 
 def base_header(job) -> dict[str, str]:
     """The entries that say which base a file is for (any kohya-named file): empty for a
     backbone the UIs cannot load."""
-    version = sd_version(job.backbone)
-    if version is None:
+    base_version = base_model_version(job.backbone)
+    if base_version is None:
         return {}
-    v2, v_parameterization = version
-    # library/model_util.get_model_version_str_for_sd1_sd2
-    base_version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
+    v2, _ = sd_version(job.backbone)
     return {"ss_v2": str(v2), "ss_base_model_version": base_version,
             "ss_sd_model_name": str(job.info["base"].get("source") or job.info["base"]["name"])}
 
 
 def lora_header(job, ranks: list[int], alpha: float, conv_ranks: list[int]) -> dict[str, str]:
     """kohya's and ModelSpec's entries for a LoRA whose layers have ``ranks`` (``conv_ranks``:
-    those of 3x3 convolutions) and the file-wide ``alpha``; empty for a non-SD backbone."""
+    those of 3x3 convolutions) and the file-wide ``alpha``; empty for a backbone no UI loads."""
     header = base_header(job)
     if not header:
         return {}
@@ -106,7 +175,12 @@ def lora_header(job, ranks: list[int], alpha: float, conv_ranks: list[int]) -> d
         "ss_network_alpha": str(float(alpha)),
         "ss_network_args": json.dumps(args),
     }
-    if v2:  # sai_model_spec.determine_architecture: SD 2 by its prediction type
+    # sai_model_spec.determine_architecture (SD 2 by its prediction type) and
+    # determine_implementation (an SDXL LoRA is Stability AI's, an SD one diffusers').
+    implementation = "diffusers"
+    if job.backbone.is_sdxl:
+        architecture, implementation = SDXL_ARCHITECTURE, IMPL_STABILITY_AI
+    elif v2:
         architecture = "stable-diffusion-v2-768-v" if v_parameterization \
             else "stable-diffusion-v2-512"
     else:
@@ -119,7 +193,7 @@ def lora_header(job, ranks: list[int], alpha: float, conv_ranks: list[int]) -> d
     return header | {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": architecture + "/lora",
-        "modelspec.implementation": "diffusers",  # kohya's value for SD 1.x / 2.x LoRAs
+        "modelspec.implementation": implementation,
         "modelspec.title": f"{concepts} erased",
         "modelspec.description": f"Erases {concepts} from {header['ss_sd_model_name']} "
                                  f"({job.info.get('method')}); made with conceptctl.",

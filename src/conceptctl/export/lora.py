@@ -19,12 +19,13 @@ Two namings:
 * ``kohya`` (the default): ``lora_unet_<module with _ for .>.lora_down.weight`` /
   ``.lora_up.weight`` / ``.alpha`` (``lora_te_…`` for the text encoder's), the names kohya's
   sd-scripts write for SD 1.x / 2.x and that Automatic1111 and ComfyUI map onto their own models
-  (:mod:`conceptctl.export.kohya`); diffusers' ``load_lora_weights`` reads them too. The header
+  (:mod:`conceptctl.export.kohya`); for SDXL, kohya's SDXL names (original-layout UNet modules,
+  ``lora_te1_…`` / ``lora_te2_…``); diffusers' ``load_lora_weights`` reads them too. The header
   carries kohya's and ModelSpec's entries, and the alpha is stored in float32 whatever the
   export dtype: a bfloat16 alpha above 256 rounds (267 becomes 268), scaling every layer wrong.
 * ``diffusers`` (peft): ``unet.<module>.lora_A.weight`` (down) / ``.lora_B.weight`` (up), and
   ``text_encoder.text_model.<module>…`` for a CLIP text encoder's layers (``--params
-  text-encoder``), with each
+  text-encoder``; SDXL's second: ``text_encoder_2.text_model.…``), with each
   part's adapter configuration (rank, alpha, per-layer ranks) in the ``lora_adapter_metadata``
   header entry exactly as diffusers' ``save_lora_weights`` writes it — without it diffusers
   would guess alpha, and a wrong alpha scales the change silently. Only diffusers loads all of
@@ -51,7 +52,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIX
+from conceptctl.backbones.backbone import TEXT_ENCODER_PREFIXES
 from conceptctl.errors import ConceptctlError, UsageError
 from conceptctl.export import kohya
 
@@ -66,7 +67,7 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 class LayerFactors:
     """One layer's adapter: ``alpha / rank · up @ down`` approximates ``module``'s change."""
 
-    module: str  # the UNet's module name, or the text encoder's under TEXT_ENCODER_PREFIX
+    module: str  # the UNet's module name, or a text encoder's under its TEXT_ENCODER_PREFIXES one
     up: torch.Tensor  # (out, r) for Linear, (out, r, 1, 1) for Conv2d
     down: torch.Tensor  # (r, in) for Linear, (r, in, kh, kw) for Conv2d
     alpha: float
@@ -148,8 +149,9 @@ def _lora_module(backbone, name: str) -> str:
     """The module whose weight ``name`` is (named as the tensor: the text encoder's keep their
     prefix), if a LoRA can stand for its change; else raise."""
     root, inner = backbone.unet, name
-    if name.startswith(TEXT_ENCODER_PREFIX):
-        root, inner = backbone.text_encoder, name.removeprefix(TEXT_ENCODER_PREFIX)
+    for prefix, encoder in zip(TEXT_ENCODER_PREFIXES, backbone.text_encoders, strict=False):
+        if name.startswith(prefix):
+            root, inner = encoder, name.removeprefix(prefix)
     module_name, _, leaf = inner.rpartition(".")
     module = root.get_submodule(module_name) if module_name else None
     linear = isinstance(module, torch.nn.Linear)
@@ -204,8 +206,9 @@ def overall_error(layers: list[LayerFactors]) -> float:
 
 def _part(module: str) -> tuple[str, str]:
     """(the pipeline part diffusers loads it into, the module's name inside that part)."""
-    if module.startswith(TEXT_ENCODER_PREFIX):
-        return "text_encoder", module.removeprefix(TEXT_ENCODER_PREFIX)
+    for prefix in TEXT_ENCODER_PREFIXES:  # text_encoder., SDXL's text_encoder_2.
+        if module.startswith(prefix):
+            return prefix.removesuffix("."), module.removeprefix(prefix)
     return "unet", module
 
 
@@ -216,7 +219,7 @@ def diffusers_state_dict(layers: list[LayerFactors]) -> tuple[dict[str, torch.Te
     tensors, ranks = {}, {}
     for layer in layers:
         part, module = _part(layer.module)
-        key = f"{part}.{kohya.clip_module_name(module) if part == 'text_encoder' else module}"
+        key = f"{part}.{kohya.clip_module_name(module) if part != 'unet' else module}"
         tensors[f"{key}.lora_A.weight"] = layer.down
         tensors[f"{key}.lora_B.weight"] = layer.up
         # The configuration keeps the installed name: peft matches target modules by suffix,
@@ -235,10 +238,13 @@ def diffusers_state_dict(layers: list[LayerFactors]) -> tuple[dict[str, torch.Te
     return tensors, {"format": "pt", ADAPTER_METADATA_KEY: json.dumps(packed, sort_keys=True)}
 
 
-def kohya_state_dict(layers: list[LayerFactors]) -> dict[str, torch.Tensor]:
+def kohya_state_dict(layers: list[LayerFactors],
+                     module_key=kohya.module_key) -> dict[str, torch.Tensor]:
+    """kohya's keys for ``layers``, each module named by ``module_key`` (SD 1.x / 2.x's by
+    default; :func:`conceptctl.export.kohya.module_keys` gives a backbone's)."""
     tensors = {}
     for layer in layers:
-        key = kohya.module_key(layer.module)
+        key = module_key(layer.module)
         tensors[f"{key}.lora_down.weight"] = layer.down
         tensors[f"{key}.lora_up.weight"] = layer.up
         # Every reader scales by alpha / rank (kohya's convention, kept by A1111 and ComfyUI).
@@ -258,15 +264,18 @@ def kohya_metadata(job, layers: list[LayerFactors],
 
 
 def _check_text_encoder(job, layers: list[LayerFactors]) -> None:
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    encoder = job.backbone.text_encoder
-    if any(_part(layer.module)[0] == "text_encoder" for layer in layers) and \
-            not isinstance(encoder, CLIPTextModel):
-        raise ConceptctlError(
-            "LoRA readers (diffusers, Automatic1111, ComfyUI) load text-encoder adapters into "
-            f"CLIP text encoders only, and this backbone's is a {type(encoder).__name__}",
-            hint="export this artifact as 'delta' or 'diffusers' (a full pipeline folder)")
+    parts = {_part(layer.module)[0] for layer in layers}
+    for part in sorted(parts - {"unet"}):
+        encoder = getattr(job.backbone.pipeline, part)
+        # SDXL's second encoder is CLIP with the pooled projection, a class of its own.
+        if not isinstance(encoder, (CLIPTextModel, CLIPTextModelWithProjection)):
+            raise ConceptctlError(
+                "LoRA readers (diffusers, Automatic1111, ComfyUI) load text-encoder adapters "
+                f"into CLIP text encoders only, and this backbone's is a "
+                f"{type(encoder).__name__}",
+                hint="export this artifact as 'delta' or 'diffusers' (a full pipeline folder)")
 
 
 def export_lora(job, out: Path) -> dict[str, Any]:
@@ -275,7 +284,7 @@ def export_lora(job, out: Path) -> dict[str, Any]:
     layers = build_factors(job, rank, max_error)
     _check_text_encoder(job, layers)
     if naming == "kohya":
-        tensors = kohya_state_dict(layers)
+        tensors = kohya_state_dict(layers, kohya.module_keys(job.backbone))
         metadata = kohya_metadata(job, layers, tensors)
     else:
         tensors, metadata = diffusers_state_dict(layers)

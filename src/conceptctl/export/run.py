@@ -94,7 +94,6 @@ def export_artifact(
     options = {key: value for key, value in (options or {}).items() if value is not None}
     exporter = check_request(fmt, options)
     artifact = read_artifact(Path(artifact_path))
-    _refuse_sdxl(artifact, fmt)
     target = Path(out) if out is not None else default_target(artifact_path, fmt,
                                                                  exporter.writes)
     _check_target(target, exporter.writes, fmt, overwrite)
@@ -110,15 +109,6 @@ def export_artifact(
     seconds = {"load": round(loaded - started, 2), "write": round(finished - loaded, 2),
                "total": round(finished - started, 2)}
     return ExportResult(fmt, target, _size(target), seconds, report, notes)
-
-
-def _refuse_sdxl(artifact, fmt: str) -> None:
-    """No export format writes SDXL's layouts yet (its second text encoder, pooled projection
-    and LDM names): refuse before any loading rather than write a file no tool reads right."""
-    if artifact.original_base.get("family") == "sdxl":
-        raise UsageError(f"the {fmt} export does not support SDXL erasures yet",
-                         hint="'conceptctl sample --model' and 'conceptctl eval' use the artifact "
-                         "as it is; export to SDXL layouts is not written yet")
 
 
 def _prepare(artifact, fmt, options, backbone, backbone_config, allow_pickle, dtype, force):

@@ -6,9 +6,9 @@ upload it to a Hub repository as ``README.md``). A LoRA and a single-file checkp
 ``extra_networks.get_user_metadata``: ``os.path.splitext(file)[0] + ".json"``), shown on the
 model's card in the UI and editable there: ``description``, ``notes`` and, for a LoRA,
 ``sd version`` and ``preferred weight``. The SD version matters: Automatic1111 calls any LoRA
-whose header has metadata SD1 unless a kohya ``ss_v2`` entry says otherwise, and hides LoRAs of
-another version than the loaded checkpoint's, so without it an SD 2.x LoRA would not be listed
-under an SD 2.x checkpoint.
+whose header has metadata SD1 unless a kohya ``ss_v2`` or ``ss_base_model_version`` entry says
+otherwise, and hides LoRAs of another version than the loaded checkpoint's, so without it an
+SD 2.x LoRA would not be listed under an SD 2.x checkpoint (nor an SDXL one under SDXL).
 
 Both are written with the export, staged beside it and renamed into place just before the
 exported file (so an exported file always has its card). Each carries conceptctl's mark (the
@@ -90,16 +90,19 @@ def card_text(exporter, job, report: dict[str, Any], target: Path) -> str:
 
 
 def a1111_sd_version(job) -> str:
-    """Automatic1111's name for the base's architecture: SD1, SD2 or Unknown (from the
-    backbone's family, else from its text encoder as kohya's header entries decide it)."""
+    """Automatic1111's name for the base's architecture (its ``SdVersion``): SD1, SD2, SDXL or
+    Unknown (from the backbone's family, else from its text encoders as kohya's header entries
+    decide it)."""
     from conceptctl.export.kohya import sd_version
 
     family = job.info["base"].get("family")
-    if family in ("sd1", "sd2"):
+    if family in ("sd1", "sd2", "sdxl"):
         return family.upper()
     version = sd_version(job.backbone)
     if version is None:
         return "Unknown"
+    if job.backbone.is_sdxl:
+        return "SDXL"
     return "SD2" if version[0] else "SD1"
 
 
@@ -145,11 +148,18 @@ def _base_ref(job) -> tuple[str, str]:
                             f"({job.info['base'].get('name')}).")
 
 
+def _pipeline_class(job) -> str:
+    """The diffusers pipeline class the snippets load the base with (the backbone's own:
+    ``StableDiffusionXLPipeline`` for SDXL)."""
+    return type(job.backbone.pipeline).__name__
+
+
 def lora_how_to_load(job, report: dict[str, Any], name: str) -> str:
     base, base_note = _base_ref(job)
     stem = Path(name).stem
-    lines = ["```python", "from diffusers import StableDiffusionPipeline", "",
-             f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+    cls = _pipeline_class(job)
+    lines = ["```python", f"from diffusers import {cls}", "",
+             f'pipe = {cls}.from_pretrained("{base}")',
              f'pipe.load_lora_weights("{name}")  # needs: pip install peft',
              'image = pipe("a prompt").images[0]', "```", "",
              "At weight 1.0 the adapter is the erased model's change (`pipe.fuse_lora()` bakes "
@@ -166,8 +176,9 @@ def lora_how_to_load(job, report: dict[str, Any], name: str) -> str:
 
 def single_file_how_to_load(job, report: dict[str, Any], name: str) -> str:
     base, base_note = _base_ref(job)
-    lines = ["```python", "from diffusers import StableDiffusionPipeline", "",
-             f'pipe = StableDiffusionPipeline.from_single_file("{name}", config="{base}")',
+    cls = _pipeline_class(job)
+    lines = ["```python", f"from diffusers import {cls}", "",
+             f'pipe = {cls}.from_single_file("{name}", config="{base}")',
              'image = pipe("a prompt").images[0]', "```", "",
              "`config=` names the base's configuration (a local diffusers folder of it works "
              "offline). Automatic1111: copy the file to `models/Stable-diffusion/`; ComfyUI: to "

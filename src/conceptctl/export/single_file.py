@@ -1,7 +1,8 @@
 """The erased model as one original-layout Stable Diffusion checkpoint (Automatic1111, ComfyUI).
 
-The renaming is :mod:`conceptctl.interop.original_layout`; this module only decides whether the
-backbone has such a layout and turns the converter's refusals into one-line errors.
+The renaming is :mod:`conceptctl.interop.original_layout` (SD 1.x, 2.x and SDXL); this module only
+decides whether the backbone has such a layout and turns the converter's refusals into one-line
+errors.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from conceptctl.errors import ConceptctlError
 from conceptctl.interop.original_layout import write_single_file
 
 _UNSUPPORTED_HINT = ("export it as 'diffusers' (a full pipeline folder) or 'delta' instead; the "
-                     "single-file layout exists for SD 1.x / 2.x-shaped models only")
+                     "single-file layout exists for SD 1.x / 2.x- and SDXL-shaped models only")
 
 
 def export_single_file(job, out: Path) -> dict[str, Any]:
@@ -21,8 +22,9 @@ def export_single_file(job, out: Path) -> dict[str, Any]:
 
     backbone = job.backbone
     text_encoder = backbone.text_encoder
-    # The original layout has places for OpenAI CLIP (SD 1) and OpenCLIP (SD 2) only; another
-    # encoder would be renamed as if it were one of them and fail, or worse, half-load.
+    # The original layout has places for OpenAI CLIP (SD 1) and OpenCLIP (SD 2) only (SDXL: one
+    # of each, checked by the converter); another encoder would be renamed as if it were one of
+    # them and fail, or worse, half-load.
     if not isinstance(text_encoder, CLIPTextModel):
         raise ConceptctlError(
             f"the single-file format is unsupported for backbone {backbone.spec.name}: its text "
@@ -33,5 +35,8 @@ def export_single_file(job, out: Path) -> dict[str, Any]:
     except ValueError as err:
         raise ConceptctlError(f"the single-file format is unsupported for backbone "
                               f"{backbone.spec.name}: {err}", hint=_UNSUPPORTED_HINT) from err
-    return {"prediction_type": backbone.prediction_type,
-            "text_encoder": "OpenCLIP" if text_encoder.config.hidden_act == "gelu" else "CLIP"}
+    if backbone.is_sdxl:
+        encoders = "CLIP + OpenCLIP"  # conditioner.embedders.0 / .1
+    else:
+        encoders = "OpenCLIP" if text_encoder.config.hidden_act == "gelu" else "CLIP"
+    return {"prediction_type": backbone.prediction_type, "text_encoder": encoders}
