@@ -15,9 +15,10 @@ transcribed below (in our own words, logic unchanged) from the code that does it
   (``precalculate_safetensors_hashes``).
 
 The models are SD 1.x / 2.x-shaped (four levels of two layers, as A1111's converter assumes)
-but tiny. Each UI's model is our original-layout conversion of the pipeline
-(tests/test_original_layout.py checks it against diffusers' reader). A file passes when every
-key is taken, lands on a tensor of the right shape, and the patched base equals the erased model.
+but tiny, and for ComfyUI also the tiny SDXL. Each UI's model is our original-layout conversion
+of the pipeline (tests/test_original_layout.py checks it against diffusers' reader). A file
+passes when every key is taken, lands on a tensor of the right shape, and the patched base
+equals the erased model.
 """
 
 from __future__ import annotations
@@ -118,23 +119,40 @@ def comfy_unet_to_diffusers(config: dict) -> dict[str, str]:
     return table
 
 
-def comfy_key_map(config: dict, model_keys) -> dict[str, str]:
-    """LoRA key -> model weight key: ``model_lora_keys_unet`` + ``model_lora_keys_clip``."""
+def comfy_key_map(config: dict | None, model_keys) -> dict[str, str]:
+    """LoRA key -> model weight key: ``model_lora_keys_unet`` + ``model_lora_keys_clip``.
+    ``config`` None (SDXL): the UNet's diffusers names are left out; SDXL files name its
+    original modules, which the first loop keys (the diffusers-name table of SDXL's transformer
+    depths is not transcribed)."""
     key_map = {}
     for k in model_keys:
         if k.startswith("diffusion_model.") and k.endswith(".weight"):
             key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
-    for diffusers_module, original in comfy_unet_to_diffusers(config).items():
+    for diffusers_module, original in (comfy_unet_to_diffusers(config) if config else {}).items():
         target = f"diffusion_model.{original}.weight"
         key_map["lora_unet_" + diffusers_module.replace(".", "_")] = target
         for prefix in ("", "unet."):  # the only peft-style UNet names ComfyUI keys
             peft = prefix + diffusers_module.replace(".to_", ".processor.to_")
             key_map[peft.removesuffix(".0") if peft.endswith(".to_out.0") else peft] = target
+    clip_l_present = False
     for b in range(32):
         for c, lora_c in COMFY_CLIP_MAP.items():
-            for encoder in ("clip_h", "clip_l"):
-                k = f"{encoder}.transformer.text_model.encoder.layers.{b}.{c}.weight"
-                if k in model_keys:
+            k = f"clip_h.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in model_keys:
+                key_map[f"lora_te_text_model_encoder_layers_{b}_{lora_c}"] = k
+                key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
+            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in model_keys:
+                key_map[f"lora_te_text_model_encoder_layers_{b}_{lora_c}"] = k
+                key_map[f"lora_te1_text_model_encoder_layers_{b}_{lora_c}"] = k  # SDXL base
+                key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
+                clip_l_present = True
+            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
+            if k in model_keys:
+                if clip_l_present:  # SDXL base: bigG is the second encoder
+                    key_map[f"lora_te2_text_model_encoder_layers_{b}_{lora_c}"] = k
+                    key_map[f"text_encoder_2.text_model.encoder.layers.{b}.{c}"] = k
+                else:  # SDXL refiner: bigG alone
                     key_map[f"lora_te_text_model_encoder_layers_{b}_{lora_c}"] = k
                     key_map[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
     return key_map
@@ -180,16 +198,26 @@ def comfy_apply(patches: dict, model: dict) -> dict:
     return out
 
 
-def comfy_model(pipe) -> tuple[dict, dict]:
-    """ComfyUI's state dict of an SD checkpoint (its CLIP in transformers names) and the UNet
-    config it detects."""
-    original = diffusers_to_original(pipe.unet, pipe.vae, pipe.text_encoder)
-    clip = "clip_h" if pipe.text_encoder.config.hidden_act == "gelu" else "clip_l"
+def comfy_model(pipe) -> tuple[dict, dict | None]:
+    """ComfyUI's state dict of an SD or SDXL checkpoint (its CLIPs in transformers names:
+    SDXL's as ``clip_l`` and ``clip_g``) and the UNet config it detects (None for SDXL, see
+    :func:`comfy_key_map`)."""
+    encoder_2 = getattr(pipe, "text_encoder_2", None)
+    original = diffusers_to_original(pipe.unet, pipe.vae, pipe.text_encoder, encoder_2)
     model = {"diffusion_model." + k.removeprefix("model.diffusion_model."): v
              for k, v in original.items() if k.startswith("model.diffusion_model.")}
-    for k, v in pipe.text_encoder.state_dict().items():
-        model[f"{clip}.transformer.text_model.{k.removeprefix('text_model.')}"] = v
-    return model, comfy_unet_config(pipe.unet)
+    if encoder_2 is not None:
+        encoders = (("clip_l", pipe.text_encoder), ("clip_g", encoder_2))
+    else:
+        clip = "clip_h" if pipe.text_encoder.config.hidden_act == "gelu" else "clip_l"
+        encoders = ((clip, pipe.text_encoder),)
+    for clip, encoder in encoders:
+        for k, v in encoder.state_dict().items():
+            if k == "text_projection.weight":  # ComfyUI keeps it beside text_model
+                model[f"{clip}.transformer.{k}"] = v
+            else:
+                model[f"{clip}.transformer.text_model.{k.removeprefix('text_model.')}"] = v
+    return model, None if encoder_2 is not None else comfy_unet_config(pipe.unet)
 
 
 # --- Automatic1111 -----------------------------------------------------------------------------
@@ -604,3 +632,37 @@ def test_diff_round_trip_gives_the_erased_weights(tiny_bases, flavor, group, tmp
     # diffusers has no SD 1.x / 2.x reader for diff files: it refuses, it does not ignore.
     with pytest.raises(ValueError, match="not been correctly renamed"):
         model.pipeline.load_lora_weights(str(out))
+
+
+# --- SDXL in ComfyUI ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_shaped(tiny_sdxl, tmp_path_factory):
+    """{params group: artifact} of the tiny SDXL (test perturbations)."""
+    root = tmp_path_factory.mktemp("sdxl-shaped")
+    model = open_backbone(str(tiny_sdxl), device="cpu", dtype="float32")
+    return {group: write_test_artifact(model, root / group,
+                                       names=sorted(select_parameters(model, group)))
+            for group in ("cross-attn-kv", "text-encoder", "full")}
+
+
+@pytest.mark.parametrize(("fmt", "group"), [("lora", "cross-attn-kv"), ("lora", "text-encoder"),
+                                            ("diff", "full"), ("diff", "text-encoder")])
+def test_sdxl_keys_all_load_in_comfyui(tiny_sdxl, sdxl_shaped, fmt, group, tmp_path):
+    """kohya's SDXL names (original UNet modules, lora_te1_ / lora_te2_) are what ComfyUI keys
+    for an SDXL checkpoint; A1111 lists the files for SDXL checkpoints."""
+    out = tmp_path / f"{group}.safetensors"
+    export_artifact(sdxl_shaped[group], fmt, out,
+                    options={"rank": "1000"} if fmt == "lora" else {})
+    lora = load_file(out)
+    plain, erased = _pipes(tiny_sdxl, sdxl_shaped[group])
+    model, config = comfy_model(plain)
+    patches, not_loaded = comfy_load(lora, comfy_key_map(config, model))
+    assert not not_loaded, f"ComfyUI: lora key not loaded: {not_loaded[:3]}"
+    after = comfy_apply(patches, model)
+    _check_ui(model, after, comfy_model(erased)[0], fmt == "diff", "ComfyUI")
+    if group == "text-encoder":  # both encoders patched
+        assert {k.split(".")[0] for k in patches} == {"clip_l", "clip_g"}
+    with safe_open(str(out), "pt") as f:
+        assert a1111_detect_version(f.metadata()) == "SDXL"
