@@ -58,7 +58,8 @@ class ExportJob:
     ``backbone`` is the base model with the artifact already applied (the erased model), in the
     export's ``dtype``. ``base`` and ``erased`` hold, for every tensor the artifact sets, the base
     and the erased values in the precision the artifact was made in (named as
-    ``Backbone.named_tensors``: UNet parameter names, ``text_encoder.``-prefixed ones), so
+    ``Backbone.named_tensors``: UNet parameter names, ``text_encoder.``-prefixed ones, SDXL's
+    second encoder's ``text_encoder_2.``-prefixed), so
     differences are exact. ``info`` is the record every exported file carries (concept, anchor,
     method, base identity and tensor hash, how it was exported); ``metadata`` is that record as a
     safetensors header. ``evaluation`` is the summary of the latest ``conceptctl eval`` of the
