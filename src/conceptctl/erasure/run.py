@@ -227,7 +227,9 @@ def _output_dir(out_dir: Path, resume: str | None, overwrite: bool,
             yield out_dir
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+def peak_memory_mb(device: torch.device) -> float:
+    """The process's peak memory so far in MB: on CUDA the allocator's peak on ``device``
+    (since its last reset), else the peak resident set size (also read by bench/)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -460,7 +462,7 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
 
     seconds = {"anchors": round(anchor_seconds, 2), "training": round(train_seconds, 2),
                "total": round(time.time() - started, 2)}
-    peak = dist.max(_peak_memory_mb(backbone.device))  # the largest process's
+    peak = dist.max(peak_memory_mb(backbone.device))  # the largest process's
     state, params = training.state, training.params
     if dist.is_main:
         manifest = build_manifest(cfg, backbone, base, params, groups, samplings,
