@@ -1,8 +1,8 @@
 """What one DoCo training step costs, part by part, against its floor.
 
-    python bench/doco_step.py [--model toy|sd14] [--resolution PX] [--batch B] [--rounds R]
-                              [--device cpu|cuda] [--mixed-precision no|bf16|fp16]
-                              [--gradient-checkpointing] [--compile] [--json FILE]
+    python bench/doco_step.py [--model toy|sd14|sdxl] [--resolution PX] [--batch B]
+                              [--rounds R] [--device cpu|cuda] [--mixed-precision no|bf16|fp16]
+                              [--gradient-checkpointing] [--compile] [--width N] [--json FILE]
 
 The step is one iteration of conceptctl's real training loop with the built-in DoCo method
 (PatchGAN discriminator, exact surgery, cross-attention k/v trained), built by
@@ -15,7 +15,13 @@ rounds (order rotated each round); the ratio is reported as the median over roun
 DoCo / floor measured in the same round, and as min(DoCo) / (2 min(fine-tune) + min(forward)).
 
 The warm-up step (first ``--warmup`` steps: discriminator only) is measured too: the reference
-recipe spends half its steps there.
+recipe spends half its steps there. Peak memory: the GPU allocator's peak over the rounds
+(CUDA), or the process's peak resident set size (CPU; it includes building the model).
+
+``sdxl`` is a full-size SDXL-shaped UNet (2.6 B parameters, random weights: bench/common.py),
+conditioned through conceptctl's SDXL path: 77 token rows of 2048 plus the pooled row, which
+the UNet hook unpacks into the pooled embedding and the size numbers. ``--width N`` divides
+the channels of ``sd14``/``sdxl`` by N (same layout: a dry run that checks the code runs).
 """
 
 from __future__ import annotations
@@ -55,9 +61,9 @@ class Harness:
         self.data = TrainingData(
             latents=torch.randn(n, 4, side, side, generator=g),
             prompt_index=torch.arange(prompts).repeat_interleave(n // prompts),
-            anchor_text=torch.randn(prompts, model.tokens, model.text_width, generator=g),
-            target_text=torch.randn(prompts, model.tokens, model.text_width, generator=g),
-            empty_text=torch.randn(1, model.tokens, model.text_width, generator=g),
+            anchor_text=model.random_text(prompts, g),
+            target_text=model.random_text(prompts, g),
+            empty_text=model.random_text(1, g),
         )
         self.generator = torch.Generator().manual_seed(seed + 1)
         backbone.unet.train()
@@ -157,9 +163,17 @@ def measure(h: Harness, rounds: int, warmup_steps: bool = True) -> dict:
             figures["doco_step_s"] - sum(breakdown.values()), 4)
         figures["breakdown_s"] = breakdown
         result[clock] = figures
-    if dev.type == "cuda":
-        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+    result.update(peak_memory(dev))
     return result
+
+
+def peak_memory(device) -> dict:
+    """{"peak_memory_gb": the CUDA allocator's peak} or, on a CPU, {"peak_rss_gb": the
+    process's peak resident set size}: conceptctl erase's own figure (its peak_memory_mb)."""
+    from conceptctl.erasure.run import peak_memory_mb
+
+    key = "peak_memory_gb" if device.type == "cuda" else "peak_rss_gb"
+    return {key: round(peak_memory_mb(device) / 2**10, 2)}
 
 
 def compare(variants: list[tuple[str, Harness, object, object]], rounds: int) -> dict:
@@ -271,10 +285,16 @@ def processors(unet) -> list[str]:
     return sorted({type(p).__name__ for p in unet.attn_processors.values()})
 
 
-def build_model(name: str, resolution: int | None, device: str, dtype=torch.float32):
+# Each model's native picture side, the default --resolution.
+NATIVE_RESOLUTION = {"sd14": 512, "sdxl": 1024}
+
+
+def build_model(name: str, resolution: int | None, device: str, dtype=torch.float32,
+                width: int = 1):
     if name == "toy":
         return common.toy_model(device)
-    return common.sd14_model((resolution or 512) // 8, device, dtype)
+    build = common.sdxl_model if name == "sdxl" else common.sd14_model
+    return build((resolution or NATIVE_RESOLUTION[name]) // 8, device, dtype, width=width)
 
 
 def clone_harness(h: Harness, **cfg_overrides) -> Harness:
@@ -284,14 +304,19 @@ def clone_harness(h: Harness, **cfg_overrides) -> Harness:
     unet = copy.deepcopy(backbone.unet)
     model = common.Model(h.model.name, common.unet_backbone(unet, h.model.latent_size,
                                                             str(h.device), backbone.dtype),
-                         h.model.latent_size, h.model.tokens, h.model.text_width)
+                         h.model.latent_size, h.model.tokens, h.model.text_width,
+                         h.model.pooled_width)
     return Harness(model, h.batch, **cfg_overrides)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("toy", "sd14"), default="toy")
-    parser.add_argument("--resolution", type=int, help="sd14: image side in pixels (latent x8)")
+    parser.add_argument("--model", choices=("toy", "sd14", "sdxl"), default="toy")
+    parser.add_argument("--resolution", type=int,
+                        help="sd14, sdxl: image side in pixels, a multiple of 8 (latents are "
+                             "1/8; default: the model's own, 512 and 1024)")
+    parser.add_argument("--width", type=int, default=1,
+                        help="sd14, sdxl: divide the channels by N (a dry run; default 1)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -301,9 +326,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
+    if args.resolution is not None and (args.resolution < 64 or args.resolution % 8):
+        parser.error(f"--resolution must be a multiple of 8 of at least 64, not "
+                     f"{args.resolution}")
+    if args.width < 1:
+        parser.error(f"--width must be 1 or more, not {args.width}")
+    if args.model == "toy" and (args.resolution or args.width > 1):
+        parser.error("--resolution and --width are for sd14 and sdxl (the toy is 64 px)")
     common.set_threads(args.threads)
 
-    model = build_model(args.model, args.resolution, args.device)
+    model = build_model(args.model, args.resolution, args.device, width=args.width)
     h = Harness(model, args.batch, mixed_precision=args.mixed_precision,
                 gradient_checkpointing=args.gradient_checkpointing, compile=args.compile)
     record = {"bench": "doco_step", "model": model.name, "batch": args.batch,
@@ -311,6 +343,11 @@ def main() -> None:
               "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
               "threads": torch.get_num_threads(), "attention": processors(model.backbone.unet),
               **measure(h, args.rounds)}
+    # What gradient checkpointing saves, from this one process (a CPU's peak RSS cannot be
+    # reset to measure both settings): activations one student forward keeps for backward.
+    model.backbone.unet.disable_gradient_checkpointing()
+    record["held_for_backward_mb"] = {"plain": held_for_backward_mb(h, False),
+                                      "gradient_checkpointing": held_for_backward_mb(h, True)}
     records = [common.emit(record)]
     print(breakdown_table(record), file=sys.stderr)
     common.write_json(args.json, records)
