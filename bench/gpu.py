@@ -1,6 +1,7 @@
-"""The GPU part of the benchmarks, in one call: SD 1.4-shaped UNet at 512 px, batch 8.
+"""The GPU part of the benchmarks, in one call: SD 1.4-shaped UNet at 512 px, batch 8, and
+SDXL-shaped UNet at 1024 px, batch 8.
 
-    python bench/gpu.py [--json FILE] [--budget-s 420]      # on a CUDA GPU, < 8 min
+    python bench/gpu.py [--json FILE] [--budget-s 420]      # on a CUDA GPU, < 10 min
     python bench/gpu.py --dry-run                            # on a CPU: tiny sizes, proves it runs
 
 Measures, on the SD 1.4-shaped UNet (random weights, bench/common.py) at 512 px (64 x 64
@@ -16,10 +17,16 @@ PatchGAN, exact surgery):
    images per second by batch size, with bf16 autocast over fp32 weights (``erase
    --mixed-precision bf16``) and with fp16 weights (``sample``'s default on GPUs);
 4. the projected time of the reference recipe: 1000 anchor images + 2000 steps of which 1000
-   are warm-up, batch 8 at 512 px, from the figures above.
+   are warm-up, batch 8 at 512 px, from the figures above;
+5. SDXL: the DoCo step of the SDXL-shaped UNet (2.6 B parameters, random weights,
+   bench/common.py; conditioned through conceptctl's SDXL hook) at 1024 px (128 x 128
+   latents), batch 8, the recipe's, in bf16 autocast: time, parts, ratio to its floor and peak
+   GPU memory, without and with gradient checkpointing (3 rounds each). A setting that does
+   not fit the GPU is reported as out of memory.
 
-Prints JSON lines and tables; ``--json`` also writes everything to one file. ``--budget-s``
-skips the optional parts (compile) once that much time has passed.
+Prints JSON lines and tables; ``--json`` also writes everything to one file, rewritten after
+each part (a run stopped midway keeps what it measured). ``--budget-s`` skips the optional
+parts (compile) once half of it has passed.
 """
 
 from __future__ import annotations
@@ -37,6 +44,38 @@ import sampling_speed  # noqa: E402
 import torch  # noqa: E402
 
 RECIPE = {"anchor_images": 1000, "steps": 2000, "warmup": 1000, "batch": 8, "resolution": 512}
+# SDXL: the same recipe (conceptctl keeps DoCo's SD recipe for SDXL) at SDXL's own resolution;
+# 3 rounds keep this part to about two minutes of the script's ten.
+SDXL = {"batch": RECIPE["batch"], "resolution": 1024, "rounds": 3}
+
+
+def sdxl_steps(model: common.Model, batch: int, rounds: int, records: list[dict]) -> dict:
+    """The DoCo step of an SDXL-shaped model in bf16 autocast against its floor, plain and
+    with gradient checkpointing (the floor's fine-tuning steps checkpoint too): time, parts,
+    peak memory. A setting the GPU has no memory for gives {"out_of_memory": message}."""
+    h = doco_step.Harness(model, batch, mixed_precision="bf16")
+    unet = model.backbone.unet
+    results = {}
+    for checkpointing in (False, True):
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        record = {"bench": "gpu/sdxl_doco_step", "model": model.name, "batch": batch,
+                  "mixed_precision": "bf16", "tf32": True, "gradient_checkpointing":
+                  checkpointing, "attention": doco_step.processors(unet)}
+        try:
+            record.update(doco_step.measure(h, rounds))
+        except torch.cuda.OutOfMemoryError as error:
+            record["out_of_memory"] = str(error).splitlines()[0]
+        finally:
+            unet.disable_gradient_checkpointing()
+            for p in h.training.params.values():  # what a step cut short left behind
+                p.grad = None
+            if h.device.type == "cuda":
+                torch.cuda.empty_cache()
+        results["checkpointing" if checkpointing else "plain"] = common.emit(record, records)
+        if "out_of_memory" not in record:
+            print(doco_step.breakdown_table(record), file=sys.stderr)
+    return results
 
 
 def main() -> None:
@@ -64,6 +103,7 @@ def main() -> None:
     common.emit({"bench": "gpu/machine", "dry_run": args.dry_run, **common.machine()}, records)
 
     # 1. The DoCo step in bf16 (what the reference recipe would run with here).
+    save = lambda: common.write_json(args.json, records, quiet=True)  # noqa: E731
     model = common.sd14_model(resolution // 8, device, width=width)
     bf16 = doco_step.Harness(model, batch, mixed_precision="bf16")
     step = common.emit({"bench": "gpu/doco_step", "model": model.name, "batch": batch,
@@ -71,6 +111,7 @@ def main() -> None:
                         "attention": doco_step.processors(model.backbone.unet),
                         **doco_step.measure(bf16, rounds)}, records)
     print(doco_step.breakdown_table(step), file=sys.stderr)
+    save()
 
     # 2. Each setting side by side, on the same UNet (switched around each step).
     unet = model.backbone.unet
@@ -110,6 +151,7 @@ def main() -> None:
                         for k, v in comparison.items()],
                        ["setting", "DoCo step s", "speed-up", "peak GB"]), file=sys.stderr)
     reset()
+    save()
 
     # Optional: torch.compile, only when the time budget allows (it compiles for minutes; on a
     # CPU dry run far longer: there `bench/doco_step.py --compile` covers the code on the toy).
@@ -128,6 +170,7 @@ def main() -> None:
         del compiled
     else:
         common.emit({"bench": "gpu/compile", "skipped": "time budget"}, records)
+    save()
     del bf16, model
     unet = None  # let the SD-shaped UNet go before the pipeline is built
     if device == "cuda":
@@ -149,6 +192,7 @@ def main() -> None:
         del backbone
         if device == "cuda":
             torch.cuda.empty_cache()
+        save()
 
     # 4. The reference recipe, projected from the measured parts (bf16 everywhere).
     erase_anchors = anchors["fp32 weights + bf16 autocast (erase --mixed-precision bf16)"]
@@ -170,6 +214,17 @@ def main() -> None:
                           "peak_memory_gb": step.get("peak_memory_gb")},
                  "projected": projection, "dry_run": args.dry_run,
                  "elapsed_s": round(time.time() - started, 1)}, records)
+    save()
+
+    # 5. SDXL at 1024 px (the dry run: its layout at 1/10 of the channels, 64 px, batch 1).
+    if args.dry_run:
+        xl_model = common.sdxl_model(8, device, width=width)
+        xl_batch, xl_rounds = 1, 1
+    else:
+        xl_model = common.sdxl_model(SDXL["resolution"] // 8, device)
+        xl_batch, xl_rounds = SDXL["batch"], SDXL["rounds"]
+    sdxl_steps(xl_model, xl_batch, xl_rounds, records)
+    common.emit({"bench": "gpu/done", "elapsed_s": round(time.time() - started, 1)}, records)
     common.write_json(args.json, records)
 
 
