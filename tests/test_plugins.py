@@ -50,7 +50,7 @@ def test_builtins_are_plugins(cli):
     data = json.loads(cli("plugins", "--json").out)
     by_name = {p["name"]: p for p in data["plugins"]}
     assert by_name["builtin-backbones"]["registers"]["backbone"] == [
-        "sd-1.4", "sd-1.5", "sd-2.1", "sd-2.1-base"]
+        "sd-1.4", "sd-1.5", "sd-2.1", "sd-2.1-base", "sdxl-1.0"]
     assert set(by_name["builtin-commands"]["registers"]["command"]) >= {
         "sample", "plugins", "backbones", "config"}
     assert all(p["builtin"] for p in by_name.values() if p["name"].startswith("builtin-"))
