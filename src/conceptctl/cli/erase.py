@@ -86,8 +86,12 @@ def erase(
         help="--adversarial: weight of the retain loss that keeps the original's predictions "
         "for prompts without the concept (1; 0: off).", show_default=False)] = None,
     retain_prompts: Annotated[Path | None, typer.Option(
-        help="--adversarial: file of retain prompts, one per line (default: the anchor "
-        "selector's, else photos of the 80 COCO objects).", dir_okay=False,
+        help="--adversarial, --retain-refine, uce: file of retain prompts, one per line "
+        "(default: the anchor selector's, else photos of the 80 COCO objects).", dir_okay=False,
+        show_default=False)] = None,
+    retain_refine: Annotated[float | None, typer.Option(
+        help="After training, pull the key/value edit back on the retain prompts' token "
+        "states with this weight (0: off; 0.1 suggested, docs/erase.md).",
         show_default=False)] = None,
     uce_lambda: Annotated[float | None, typer.Option(
         help="uce: λ, how strongly every projection stays as it was (0.5).",
@@ -154,6 +158,7 @@ def erase(
                adversarial_retain=adversarial_retain, uce_lambda=uce_lambda,
                uce_erase_scale=uce_erase_scale, uce_preserve_scale=uce_preserve_scale,
                retain_prompts=str(retain_prompts) if retain_prompts else None,
+               retain_refine=retain_refine,
                base_artifact=os.path.abspath(base) if base is not None else None)
     if resume is not None and output is None:
         raise UsageError("--resume needs --output: the folder of the run to continue")

@@ -87,6 +87,9 @@ class EraseConfig:
     adversarial_lr: float = 0.01
     adversarial_retain: float = 1.0
     retain_prompts: str | None = None
+    # After training, pull the key/value edit back on the retain prompts' token states, with this
+    # weight (conceptctl.erasure.refine; 0: off).
+    retain_refine: float = 0.0
     # uce (conceptctl.erasure.uce): λ, the erase and the preserve scale of the closed-form
     # solve; the authors' script defaults.
     uce_lambda: float = 0.5

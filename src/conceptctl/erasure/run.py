@@ -44,6 +44,7 @@ from conceptctl.erasure.methods import D_UPDATES, PRIOR_BATCHES, Context, StepSt
 from conceptctl.erasure.params import PARAM_GROUPS, select_parameters, trains_text_encoder
 from conceptctl.erasure.precision import MODES as PRECISION_MODES
 from conceptctl.erasure.precision import Precision
+from conceptctl.erasure.refine import refine, refined_names
 from conceptctl.erasure.resume import (
     check_resume,
     data_record,
@@ -93,11 +94,21 @@ def check_config(cfg: EraseConfig) -> None:
         raise UsageError(f"--adversarial attacks the model while it trains, and {cfg.method} "
                          "edits it in closed form, without training",
                          hint="leave --adversarial out, or use --method doco, ca or esd-x")
+    if cfg.retain_refine and _closed_form(cfg.method):
+        raise UsageError(f"--retain-refine refines a trained edit, and {cfg.method} keeps its "
+                         "retain prompts in its own closed-form solve",
+                         hint="leave --retain-refine out (uce: --uce-preserve-scale), or use "
+                         "--method doco, ca or esd-x")
+    if cfg.retain_refine and cfg.params is not None and trains_text_encoder(cfg.params):
+        raise UsageError("--retain-refine refines the cross-attention key/value projections, "
+                         "and --params text-encoder leaves them as they are",
+                         hint="leave --retain-refine out, or train --params cross-attn-kv")
     if cfg.retain_prompts is not None:
-        if not (cfg.adversarial or _closed_form(cfg.method)):
-            raise UsageError("--retain-prompts is only used by adversarial erasure and "
-                             "closed-form methods (uce)",
-                             hint="add --adversarial, or leave --retain-prompts out")
+        if not (cfg.adversarial or cfg.retain_refine or _closed_form(cfg.method)):
+            raise UsageError("--retain-prompts is only used by adversarial erasure, "
+                             "--retain-refine and closed-form methods (uce)",
+                             hint="add --adversarial or --retain-refine, or leave "
+                             "--retain-prompts out")
         read_prompt_lines(Path(cfg.retain_prompts), "retain prompt")  # fails before any work
     cfg = complete(cfg)
     _check_numbers(cfg)
@@ -183,7 +194,7 @@ _FLOAT_MINIMA = {"lr": (0, False), "d_lr": (0, False), "max_grad_norm": (0, Fals
                  "prior_weight": (0, True), "esd_eta": (0, True), "anchor_guidance": (0, True),
                  "adversarial_lr": (0, False), "adversarial_retain": (0, True),
                  "uce_lambda": (0, False), "uce_erase_scale": (0, True),
-                 "uce_preserve_scale": (0, True)}
+                 "uce_preserve_scale": (0, True), "retain_refine": (0, True)}
 
 
 def _check_numbers(cfg: EraseConfig) -> None:
@@ -417,7 +428,7 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
     closed_form = _closed_form(cfg.method)
     forgotten = [*(e.concept for e in cfg.erasures()), *cfg.erased_before]
     retain = retain_prompts(anchors, forgotten, cfg.retain_prompts) \
-        if cfg.adversarial or closed_form else ()
+        if cfg.adversarial or closed_form or cfg.retain_refine else ()
     # One sampling per erasure, each as its own one-concept run draws it (so its cache serves
     # both); erasures sharing an anchor and its prompts share the images.
     per_prompt = anchor_images_per_prompt(cfg, groups)
@@ -447,6 +458,10 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
         retain=retain)
     if data is not None and trains_text_encoder(cfg.params):
         data.student = StudentPrompts(backbone, list(anchors.anchor), list(anchors.target))
+    # --retain-refine's W₀: the trained tensors as the run found them (the base's, when
+    # stacking), taken before a resumed run loads its checkpoint.
+    before = ({name: training.params[name].detach().clone()
+               for name in refined_names(training.params)} if cfg.retain_refine else None)
     _resume(training, resume_from, resume, dist, report)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -458,6 +473,12 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
         # write_artifact refuses non-finite values, as after training.
     else:
         _train(out_dir, cfg, backbone, data, training, record, dist, report, report_to)
+    refine_figures = None
+    if before is not None:
+        # Every process refines its own copy (the same numbers): no weights to broadcast.
+        started_refine = time.time()
+        refine_figures = refine(training.params, before, backbone, retain, cfg.retain_refine)
+        refine_figures["seconds"] = round(time.time() - started_refine, 2)
     train_seconds = time.time() - t0
 
     seconds = {"anchors": round(anchor_seconds, 2), "training": round(train_seconds, 2),
@@ -475,6 +496,8 @@ def _erase_into(out_dir: Path, cfg: EraseConfig, *, resume, dtype, settings, dis
         manifest["machine"]["processes"] = dist.world
         if edit_figures is not None:
             manifest["edit"] = edit_figures
+        if refine_figures is not None:
+            manifest["refine"] = refine_figures
         write_artifact(out_dir, {name: p for name, p in params.items()}, manifest,
                        artifact_card(manifest))
     dist.barrier()  # no process ends before the artifact is written
