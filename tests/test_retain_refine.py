@@ -51,16 +51,28 @@ def _trained(backbone, seed=0):
     return params, before
 
 
-@pytest.mark.parametrize("scale", [0.05, 1.0, 30.0])
-def test_refine_is_the_least_squares_solution(backbone, scale):
+@pytest.fixture
+def sdxl(tiny_sdxl):
+    from conceptctl.backbones.loading import open_backbone
+
+    return open_backbone(str(tiny_sdxl), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("flavor, scale", [("backbone", 0.05), ("backbone", 1.0),
+                                           ("backbone", 30.0), ("sdxl", 1.0)])
+def test_refine_is_the_least_squares_solution(flavor, scale, request):
     """W' minimises ‖W' − W‖² + s Σ_j ‖(W' − W₀) ĉ_j‖², ĉ_j the retain states scaled so that
     their Gram matrix has mean eigenvalue 1: solved here as one stacked least-squares problem
-    (torch.linalg.lstsq), not through the normal equations refine() uses."""
+    (torch.linalg.lstsq), not through the normal equations refine() uses. SDXL: both encoders'
+    states side by side, the pooled row left out (what its keys and values read)."""
+    backbone = request.getfixturevalue(flavor)
     params, before = _trained(backbone)
     trained = {n: p.detach().double().clone() for n, p in params.items()}
     figures = refine(params, before, backbone, RETAIN, scale)
     c = _states(backbone, RETAIN)
     width = c.shape[1]
+    assert c.shape == (len(RETAIN) * backbone.tokenizers[0].model_max_length,
+                       backbone.text_width)
     c_hat = c * (width / c.square().sum()) ** 0.5
     for name, p in params.items():
         w, w0 = trained[name], before[name].double()
