@@ -145,6 +145,9 @@ def test_erase_with_retain_refine_changes_only_keys_and_values_towards_the_origi
     assert manifest["refine"]["tensors"] == len(kv)
     assert manifest["hyperparameters"]["retain_refine"] == 0.5
     assert "refine" not in json.loads((tmp_path / "plain" / "conceptctl.json").read_text())
+    card = (tmp_path / "refined" / "README.md").read_text()
+    assert f"retain refinement | S 0.5, {len(RETAIN)} retain prompts" in card
+    assert "retain refinement" not in (tmp_path / "plain" / "README.md").read_text()
 
 
 def test_a_stacked_run_refines_towards_its_base_not_the_original(tiny_sd1, tmp_path):

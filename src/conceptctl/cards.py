@@ -207,6 +207,9 @@ def artifact_card(m: dict, evaluation: dict | None = None) -> str:
         *(_edit_rows(m) if "edit" in m else [
             ("steps / warm-up / batch", f"{h['steps']} / {h['warmup']} / {h['batch_size']}"),
             ("learning rates", f"generator {h['lr']}, discriminator {h['d_lr']}")]),
+        *([("retain refinement", f"S {m['refine']['scale']}, "
+                                 f"{m['refine']['retain_prompts']} retain prompts")]
+          if "refine" in m else []),
         ("seed", h["seed"]),
         ("anchor images", _anchor_line(m)),
         ("time", f"{m['seconds']['total']} s ({m['machine']['device']})"),
