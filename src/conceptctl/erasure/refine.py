@@ -46,7 +46,9 @@ def refined_names(names) -> list[str]:
 
 def retain_gram(backbone, retain: tuple[str, ...]) -> torch.Tensor:
     """Σ_j c_j c_jᵀ over every token state cross-attention reads of every retain prompt,
-    (width, width), float64 on the CPU."""
+    (width, width), float64 on the CPU. (``uce`` computes the same sum from one batch of all
+    its prompts; batches of another size round the float32 states differently, so it keeps its
+    own, which its measured figures stand on.)"""
     from conceptctl.backbones.soft_prompt import PromptEncoder
 
     width = backbone.text_width
