@@ -91,7 +91,7 @@ def erase(
         show_default=False)] = None,
     retain_refine: Annotated[float | None, typer.Option(
         help="After training, pull the key/value edit back on the retain prompts' token "
-        "states with this weight (0: off; 0.05 for stacked erasures, docs/erase.md).",
+        "states with this weight (0: off; 0.05 stacked, 0.1 with --adversarial; docs/erase.md).",
         show_default=False)] = None,
     uce_lambda: Annotated[float | None, typer.Option(
         help="uce: λ, how strongly every projection stays as it was (0.5).",
