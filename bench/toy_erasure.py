@@ -41,7 +41,8 @@ def main() -> None:
                        ("d-update", str), ("augment", str), ("adversarial-steps", int),
                        ("adversarial-every", int), ("adversarial-tokens", int),
                        ("adversarial-lr", float), ("adversarial-retain", float),
-                       ("retain-prompts", str), ("retain-refine", float)):
+                       ("adversarial-rows", str), ("retain-prompts", str),
+                       ("retain-refine", float)):
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--adversarial", action="store_true", help="adversarial erasure")
     parser.add_argument("--attacks", default="",
@@ -73,7 +74,8 @@ def erase_and_measure(args) -> dict:
                augment=args.augment, adversarial=args.adversarial,
                adversarial_steps=args.adversarial_steps, adversarial_every=args.adversarial_every,
                adversarial_tokens=args.adversarial_tokens, adversarial_lr=args.adversarial_lr,
-               adversarial_retain=args.adversarial_retain, retain_prompts=args.retain_prompts,
+               adversarial_retain=args.adversarial_retain, adversarial_rows=args.adversarial_rows,
+               retain_prompts=args.retain_prompts,
                retain_refine=args.retain_refine)
     out = args.out or Path(tempfile.mkdtemp(prefix="toy-erasure-")) / "artifact"
     start = time.time()

@@ -150,20 +150,43 @@ def test_attacked_rows_double_the_batch_and_keep_the_prior(backbone, tiny_sd1):
     assert with_attacked_rows(ctx, batch, x_t, noise, t, step=1)[0] is batch
 
 
+def test_replaced_rows_keep_the_batch_and_put_the_attacked_prompt_in_place(backbone, tiny_sd1):
+    training = _adversarial_training(backbone, tiny_sd1, adversarial_rows="replaced")
+    ctx = training.context
+    x_t, t, prompts, text = _inputs(backbone, [1, 2])
+    noise = torch.randn_like(x_t)
+    batch = Batch(latents=x_t, anchor_text=text * 0, target_text=text,
+                  empty_text=text[:1].expand(2, -1, -1), timesteps=t, noise=noise,
+                  prompts=prompts)
+    more, x2, n2, t2 = with_attacked_rows(ctx, batch, x_t, noise, t, step=1)
+    assert x2 is x_t and n2 is noise and t2 is t and more.latents is batch.latents
+    student = more.for_student()
+    assert student.target_text.shape == text.shape
+    assert not torch.equal(student.target_text, text)  # the attacked prompts, in place
+    assert torch.equal(more.target_text, text)  # the frozen model's goal keeps the plain prompt
+    assert torch.equal(student.anchor_text, batch.anchor_text)
+
+
 @pytest.mark.parametrize("method", ["doco", "ca", "esd-x"])
 def test_every_method_erases_on_the_attacked_prompts(tiny_sd1, tmp_path, method):
     extra = dict(batch_size=1, warmup=0, params="cross-attn",
                  esd_sampling_steps=4) if method == "esd-x" else {}
     plain = tiny_erase_config(tiny_sd1, method=method, **extra)
     erase(plain, tmp_path / "plain")
-    erase(plain.with_overrides(adversarial=True, adversarial_steps=2), tmp_path / "adv")
-    a, b = read_artifact(tmp_path / "plain"), read_artifact(tmp_path / "adv")
-    assert a.weights.keys() == b.weights.keys()
-    assert all(torch.isfinite(v).all() for v in b.weights.values())
-    # Same seed, same batches: only the attacked rows can make the difference.
-    assert any(not torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    adversarial = plain.with_overrides(adversarial=True, adversarial_steps=2)
+    erase(adversarial, tmp_path / "adv")
+    erase(adversarial.with_overrides(adversarial_rows="replaced"), tmp_path / "replaced")
+    a, b, c = (read_artifact(tmp_path / name) for name in ("plain", "adv", "replaced"))
+    assert a.weights.keys() == b.weights.keys() == c.weights.keys()
+    assert all(torch.isfinite(v).all() for v in [*b.weights.values(), *c.weights.values()])
+    # Same seed, same batches: only the attacked rows can make the difference, and added rows
+    # are not replaced ones.
+    for one, other in ((a, b), (a, c), (b, c)):
+        assert any(not torch.equal(one.weights[k], other.weights[k]) for k in a.weights)
     hyper = b.manifest["hyperparameters"]
     assert hyper["adversarial"] is True and hyper["adversarial_steps"] == 2
+    assert hyper["adversarial_rows"] == "added"
+    assert c.manifest["hyperparameters"]["adversarial_rows"] == "replaced"
     assert a.manifest["hyperparameters"]["adversarial"] is False
 
 
@@ -200,6 +223,7 @@ def test_a_resume_with_another_attack_budget_is_refused(cli, tiny_sd1, tmp_path)
     ("--adversarial-steps", "0", "adversarial-steps"),
     ("--adversarial-every", "0", "adversarial-every"),
     ("--adversarial-tokens", "0", "adversarial-tokens"),
+    ("--adversarial-rows", "both", "unknown adversarial rows 'both'; use added, replaced"),
 ])
 def test_bad_attack_settings_are_one_clear_line(cli, tiny_sd1, tmp_path, flag, value, message):
     result = cli("erase", "church", "--anchor", "house", "-b", tiny_sd1, "--steps", "2",

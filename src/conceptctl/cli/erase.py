@@ -82,6 +82,10 @@ def erase(
         show_default=False)] = None,
     adversarial_lr: Annotated[float | None, typer.Option(
         help="--adversarial: the attack's Adam rate (0.01).", show_default=False)] = None,
+    adversarial_rows: Annotated[str | None, typer.Option(
+        help="--adversarial: the attacked prompts are 'added' rows next to the plain ones, or "
+        "'replaced' them in the outer step (AdvUnlearn's; the same batch size) (added).",
+        show_default=False)] = None,
     adversarial_retain: Annotated[float | None, typer.Option(
         help="--adversarial: weight of the retain loss that keeps the original's predictions "
         "for prompts without the concept (1; 0: off).", show_default=False)] = None,
@@ -155,7 +159,8 @@ def erase(
                checkpoints_total_limit=checkpoints_total_limit, adversarial=adversarial,
                adversarial_steps=adversarial_steps, adversarial_every=adversarial_every,
                adversarial_tokens=adversarial_tokens, adversarial_lr=adversarial_lr,
-               adversarial_retain=adversarial_retain, uce_lambda=uce_lambda,
+               adversarial_retain=adversarial_retain, adversarial_rows=adversarial_rows,
+               uce_lambda=uce_lambda,
                uce_erase_scale=uce_erase_scale, uce_preserve_scale=uce_preserve_scale,
                retain_prompts=str(retain_prompts) if retain_prompts else None,
                retain_refine=retain_refine,

@@ -31,6 +31,11 @@ from conceptctl.backbones.soft_prompt import PromptEncoder, SoftPromptEncoder
 from conceptctl.erasure.params import trains_text_encoder
 from conceptctl.errors import UsageError
 
+# Where the attacked prompts go in the outer step: "added", one more row per row of the batch
+# (the plain target prompt keeps its row), or "replaced", in place of the plain prompt's row, as
+# AdvUnlearn's outer loss takes the adversarial prompt alone once the warm-up is over.
+ADVERSARIAL_ROWS = ("added", "replaced")
+
 
 class PromptAdversary(torch.nn.Module):
     """The inner attacker: one set of ``tokens`` embeddings per target prompt (a buffer, so the
@@ -39,7 +44,8 @@ class PromptAdversary(torch.nn.Module):
     def __init__(self, backbone, frozen_unet: torch.nn.Module, prompts: list[str], *,
                  tokens: int, steps: int, every: int, lr: float, seed: int,
                  world: int = 1, retain: tuple[str, ...] = (),
-                 retain_weight: float = 1.0, trains_text_encoder: bool = False) -> None:
+                 retain_weight: float = 1.0, trains_text_encoder: bool = False,
+                 rows: str = "added") -> None:
         super().__init__()
         if world > 1:
             raise UsageError("--adversarial runs in one process only",
@@ -49,6 +55,9 @@ class PromptAdversary(torch.nn.Module):
         self.__dict__["_frozen"] = frozen_unet
         self.__dict__["_encoder"] = SoftPromptEncoder(backbone, prompts, tokens)
         self.tokens, self.steps, self.every, self.lr = tokens, steps, every, lr
+        if rows not in ADVERSARIAL_ROWS:
+            raise ValueError(f"rows must be one of {ADVERSARIAL_ROWS}, not {rows!r}")
+        self.replaces = rows == "replaced"
         self.retain_weight = retain_weight if retain else 0.0
         # The original model's side, encoded once by the original text encoder (this runs
         # before any step, and before a resumed run's weights load); not state: the settings
@@ -128,4 +137,5 @@ def build_adversary(backbone, frozen_unet, cfg, prompts: list[str], world: int =
                            steps=cfg.adversarial_steps, every=cfg.adversarial_every,
                            lr=cfg.adversarial_lr, seed=cfg.seed, world=world, retain=retain,
                            retain_weight=cfg.adversarial_retain,
-                           trains_text_encoder=trains_text_encoder(cfg.params))
+                           trains_text_encoder=trains_text_encoder(cfg.params),
+                           rows=cfg.adversarial_rows)

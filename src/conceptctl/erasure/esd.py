@@ -112,8 +112,11 @@ class EsdX:
             with ctx.timer("inner attack"):
                 attacked = ctx.adversary(x_t, t, torch.full((n,), which, dtype=torch.long),
                                          text, step)
-            x_t, t, goal = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([goal, goal])
-            own = torch.cat([own, attacked])
+            if ctx.adversary.replaces:
+                own = attacked
+            else:
+                x_t, t, goal = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([goal, goal])
+                own = torch.cat([own, attacked])
         loss = F.mse_loss(unet(x_t, t, own).sample.float(), goal.float())
         ctx.precision.backward(plus_optional(loss, retain_loss(ctx, x_t, t)))
         return StepStats(loss=loss.item())

@@ -157,16 +157,20 @@ def with_attacked_rows(ctx: Context, batch: Batch, x_t, noise, t, step: int):
     """With ``--adversarial``: the batch, x_t, ε and t with one more row per row, whose target
     prompt is, for the student, the inner attack's version of that row's (same anchor latent, t
     and ε; the frozen model keeps the plain prompt), so the method erases on attacked prompts
-    next to the usual ones. Without: all unchanged."""
+    next to the usual ones; with ``--adversarial-rows replaced`` the same rows, the student's
+    target prompt of each being the attacked one instead. Without: all unchanged."""
     if ctx.adversary is None:
         return batch, x_t, noise, t
     with ctx.timer("inner attack"):
         attacked = ctx.adversary(x_t, t, batch.prompts, batch.target_text, step)
+    own = batch.for_student()
+    if ctx.adversary.replaces:
+        student = StudentText(own.anchor_text, attacked, own.empty_text, own.prior_text)
+        return replace(batch, student=student), x_t, noise, t
 
     def twice(value):
         return torch.cat([value, value])
 
-    own = batch.for_student()
     student = StudentText(twice(own.anchor_text), torch.cat([own.target_text, attacked]),
                           twice(own.empty_text), own.prior_text)
     more = replace(batch, latents=twice(batch.latents), anchor_text=twice(batch.anchor_text),
@@ -178,10 +182,11 @@ def with_attacked_rows(ctx: Context, batch: Batch, x_t, noise, t, step: int):
 
 def retain_loss(ctx: Context, x_t, t) -> torch.Tensor | None:
     """With ``--adversarial``: the retain loss (conceptctl.erasure.adversarial) on the batch's own
-    rows (the first half of x_t after :func:`with_attacked_rows`); None without."""
+    rows (the first half of x_t after :func:`with_attacked_rows` adds rows, all of them when the
+    attacked rows replace the plain ones); None without."""
     if ctx.adversary is None:
         return None
-    rows = len(x_t) // 2
+    rows = len(x_t) if ctx.adversary.replaces else len(x_t) // 2
     return ctx.adversary.retain_loss(x_t[:rows], t[:rows], ctx.generator)
 
 

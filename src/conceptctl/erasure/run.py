@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from conceptctl.cards import artifact_card
+from conceptctl.erasure.adversarial import ADVERSARIAL_ROWS
 from conceptctl.erasure.anchors import (
     CONCEPT_TYPES,
     merge_anchor_sets,
@@ -128,7 +129,8 @@ def check_config(cfg: EraseConfig) -> None:
     for what, value, choices in (("prior batch", cfg.prior_batch, PRIOR_BATCHES),
                                  ("augmentation", cfg.augment, AUGMENTS),
                                  ("discriminator update", cfg.d_update, D_UPDATES),
-                                 ("mixed precision", cfg.mixed_precision, PRECISION_MODES)):
+                                 ("mixed precision", cfg.mixed_precision, PRECISION_MODES),
+                                 ("adversarial rows", cfg.adversarial_rows, ADVERSARIAL_ROWS)):
         if value not in choices:
             raise UsageError(f"unknown {what} {value!r}; use {', '.join(choices)}")
     if cfg.params not in PARAM_GROUPS:
