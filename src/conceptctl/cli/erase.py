@@ -83,8 +83,8 @@ def erase(
     adversarial_lr: Annotated[float | None, typer.Option(
         help="--adversarial: the attack's Adam rate (0.01).", show_default=False)] = None,
     adversarial_rows: Annotated[str | None, typer.Option(
-        help="--adversarial: the attacked prompts are 'added' rows next to the plain ones, or "
-        "'replaced' them in the outer step (AdvUnlearn's; the same batch size) (added).",
+        help="--adversarial: 'added' (the attacked prompts as extra rows next to the plain "
+        "ones) or 'replaced' (in their place, as AdvUnlearn's outer loss) (added).",
         show_default=False)] = None,
     adversarial_retain: Annotated[float | None, typer.Option(
         help="--adversarial: weight of the retain loss that keeps the original's predictions "

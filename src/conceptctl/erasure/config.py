@@ -80,8 +80,7 @@ class EraseConfig:
     # ``adversarial_tokens`` soft tokens per target prompt; the outer step erases on the attacked
     # prompts too, and keeps the original's predictions on the retain prompts (weight
     # ``adversarial_retain``; ``retain_prompts``: a file, else the anchor selector's retain set).
-    # ``adversarial_rows``: the attacked prompts are "added" rows next to the plain ones, or
-    # "replaced" them (AdvUnlearn's outer step: the same batch size).
+    # ``adversarial_rows``: where the outer step puts the attacked prompts (ADVERSARIAL_ROWS).
     adversarial: bool = False
     adversarial_rows: str = "added"
     adversarial_tokens: int = 3
